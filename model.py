@@ -659,10 +659,18 @@ class Embedder:
                     prompt=self.prompt, max_length=self.max_length)
 
     @classmethod
-    def from_pretrained(cls, path, pooling="mean", attention="bidirectional", max_length=512, prompt=None,
+    def from_pretrained(cls, path, pooling=None, attention=None, max_length=None, prompt=None,
                         device="cpu", dtype=torch.float32):
+        """An HF checkpoint folder; settings not given come from its text2token.json (written by
+        `t2t.py export`) or default to mean pooling, bidirectional attention, 512 tokens."""
+        if is_run_dir(path):
+            return cls.from_run(path, device, dtype, pooling=pooling, attention=attention,
+                                max_length=max_length, prompt=prompt)
+        saved = read_json(Path(path) / SETTINGS_FILE) if (Path(path) / SETTINGS_FILE).is_file() else {}
         model, tok = load(path, device, dtype)
-        return cls(model, tok, pooling, attention_is_causal(attention), max_length, prompt)
+        return cls(model, tok, pooling or saved.get("pooling", "mean"),
+                   attention_is_causal(attention or saved.get("attention", "bidirectional")),
+                   max_length or saved.get("max_length", 512), prompt if prompt is not None else saved.get("prompt"))
 
     @classmethod
     def from_run(cls, run_dir, device="cpu", dtype=torch.float32, **overrides):
@@ -722,3 +730,62 @@ def attention_is_causal(attention: str) -> bool:
 
 def args_dict(args: ModelArgs) -> dict:
     return asdict(args)
+
+
+# -----------------------------------------------------------------------------
+# Saving in the HF layout (t2t.py export)
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+SETTINGS_FILE = "text2token.json"  # our embedding settings beside an exported checkpoint
+
+
+def save_hf(model: Transformer, base_dir, out_dir, settings: dict, dtype=None, max_shard_bytes=5 * 2**30):
+    """Write `model` as an HF checkpoint folder: the base's config.json (dtype updated), weights
+    under HF names (sharded with an index above max_shard_bytes), the base's tokenizer files, and
+    the embedding settings in text2token.json. Every file goes through a temporary name."""
+    base_dir, out_dir = Path(base_dir), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {("" if k == "lm_head.weight" else "model.") + k: v for k, v in model.state_dict().items()}
+    if model.args.tie_embeddings:
+        state.pop("lm_head.weight")
+    state = {k: (v.to(dtype) if dtype else v).detach().contiguous().cpu() for k, v in state.items()}
+    shards, size = [[]], 0
+    for k, v in state.items():
+        nbytes = v.numel() * v.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(k)
+        size += nbytes
+    names = ["model.safetensors"] if len(shards) == 1 else [
+        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for name, keys in zip(names, shards):
+        _atomic(out_dir / name, lambda tmp: save_file({k: state[k] for k in keys}, str(tmp), metadata={"format": "pt"}))
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in state.values())},
+                 "weight_map": {k: n for n, keys in zip(names, shards) for k in keys}}
+        _atomic(out_dir / "model.safetensors.index.json", lambda tmp: tmp.write_text(json.dumps(index, indent=2)))
+    config = read_json(base_dir / "config.json")
+    first = next(iter(state.values()))
+    config["torch_dtype"] = str(first.dtype).removeprefix("torch.")
+    _atomic(out_dir / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2)))
+    for name in TOKENIZER_FILES:
+        if (base_dir / name).is_file():
+            _atomic(out_dir / name, lambda tmp: tmp.write_bytes((base_dir / name).read_bytes()))
+    _atomic(out_dir / SETTINGS_FILE, lambda tmp: tmp.write_text(json.dumps(settings, indent=2)))
+    return out_dir
+
+
+def _atomic(path: Path, write):
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    tmp.replace(path)
+
+
+def base_checkpoint_dir(path) -> Path:
+    """The HF folder a model (or run directory) ultimately comes from (for its config/tokenizer)."""
+    path = Path(path)
+    while is_run_dir(path):
+        meta = read_json(path / "meta.json")
+        path = Path(meta.get("init") or meta["base_model"])
+    return path

@@ -1,0 +1,724 @@
+"""Text2Token training and tools: `python t2t.py train|targets|inspect|export`.
+
+Implements the two-stage recipe of METHOD.md (Text2Token, arXiv 2510.10224): stage 1 trains a
+LoRA so that lm_head(h(x)) predicts the text's own meaningful tokens (data-driven targets);
+stage 2 merges it, keeps the merged model as a frozen teacher (the student with its new adapter
+switched off) and trains a fresh LoRA towards the teacher's model-derived targets. The loss is
+KL(q || softmax(lm_head(h(x)))) on the pooled embedding, never on every token.
+
+Dimensions: B batch, T tokens, D hidden, V vocabulary, k sparse target slots.
+
+`python t2t.py train` with no arguments runs the CPU demo (stage 1 then stage 2 on the bundled
+tiny Llama and Wikipedia sample) and prints the STS Benchmark score after each stage.
+
+Not included: pipeline/tensor parallelism, FSDP, evaluation during training beyond the demo.
+"""
+
+import argparse
+import copy
+import datetime
+import json
+import math
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import model as M
+import targets as T
+
+ROOT = Path(__file__).resolve().parent
+DEFAULT_MODEL = ROOT / "data" / "models" / "stories260K"
+DEFAULT_DATA = ROOT / "data" / "wiki1m_sample" / "wiki1m_for_simcse.head11913.txt"
+
+
+class TrainError(Exception):
+    """A user-facing problem: printed as one line, no traceback."""
+
+
+# -----------------------------------------------------------------------------
+# Command line. Defaults are the paper's (METHOD.md, "Training setup"); the demo preset is
+# CPU-sized and printed at start.
+
+# The CPU demo: full fine-tuning of the 260K-parameter model (a LoRA on a model this small has
+# nothing to adapt), larger lr, fp32. Measured settings; see README.md "The demo".
+DEMO_PRESET = {
+    1: dict(lora_r=0, lr=1e-3, batch_size=64, epochs=2, max_length=128, precision="fp32",
+            target_weighting="idf", save_every=0),
+    2: dict(lora_r=0, lr=1e-4, batch_size=64, epochs=1, max_length=128, precision="fp32",
+            tau=0.05, save_every=0),
+}
+
+
+def train_parser(p: argparse.ArgumentParser):
+    a = p.add_argument
+    a("--preset", choices=["demo"], default=None, help="CPU demo values; explicit flags override them")
+    a("--stage", type=int, choices=[1, 2], default=1, help="1: data-driven targets, 2: model-derived targets")
+    a("--init", default=None, help="stage 2: the stage-1 run directory to merge and use as teacher")
+    a("--model", default=str(DEFAULT_MODEL), help="HF checkpoint folder (or run directory) to start from")
+    a("--data", default=str(DEFAULT_DATA), help="training texts: .txt (one a line) or .jsonl with a 'text' field")
+    a("--out", default=None, help="run directory to create (must not exist or be empty, unless --resume)")
+    a("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    a("--attention", choices=["bidirectional", "causal"], default="bidirectional")
+    a("--pooling", choices=["mean", "last"], default="mean")
+    a("--prompt", default=None, help="template with {text}; default: none for mean, PromptEOL for last")
+    a("--max-length", type=int, default=128, help="tokens the model sees per text, BOS and prompt included")
+    a("--batch-size", type=int, default=32, help="texts per device per micro-batch")
+    a("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    a("--lr", type=float, default=5e-5, help="peak learning rate")
+    a("--schedule", choices=["linear", "constant"], default="linear", help="decay after warmup")
+    a("--warmup-steps", type=int, default=0, help="optimizer steps of linear warmup")
+    a("--weight-decay", type=float, default=0.0)
+    a("--clip", type=float, default=1.0, help="gradient-norm clip (0 = off)")
+    a("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
+    a("--epochs", type=float, default=1.0, help="passes over the data when --max-steps is not given")
+    a("--lora-r", type=int, default=16, help="LoRA rank; 0 = full fine-tuning")
+    a("--lora-alpha", type=float, default=32)
+    a("--lora-dropout", type=float, default=0.05)
+    a("--lora-targets", default=",".join(M.DEFAULT_LORA_TARGETS), help="comma-separated HF module names")
+    a("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
+      help="auto: bf16 autocast on CUDA, fp32 on CPU")
+    a("--grad-checkpointing", action="store_true", help="recompute each layer in backward (saves memory)")
+    a("--tau", type=float, default=1e-4, help="stage 2: temperature of the model-derived target")
+    a("--background-samples", type=int, default=None, help="stage 2: texts in the background pass (default all)")
+    a("--targets", default=None, help="precomputed targets.safetensors (from `t2t.py targets`) to train on")
+    a("--target-weighting", choices=["none", "idf"], default="none", help="stage 1: weight target tokens by IDF")
+    a("--seed", type=int, default=0)
+    a("--save-every", type=int, default=0, help="checkpoint every N optimizer steps (0 = only at the end)")
+    a("--keep-last", type=int, default=3, help="checkpoints to keep")
+    a("--skip-nonfinite", type=int, default=0, help="skip up to N batches with a non-finite loss or gradient")
+    a("--log-every", type=int, default=10, help="optimizer steps between metric lines")
+    a("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    a("--num-workers", type=int, default=0, help=argparse.SUPPRESS)
+
+
+# Flags that may differ between a run and its --resume (they do not change the result).
+RESUMABLE = {"resume", "save_every", "keep_last", "log_every", "skip_nonfinite", "preset", "device", "num_workers"}
+
+
+def apply_preset(args, argv):
+    """Fill in the demo values for every flag not given explicitly."""
+    if args.preset != "demo":
+        return args
+    given = {a.split("=")[0].lstrip("-").replace("-", "_") for a in argv if a.startswith("--")}
+    for key, value in DEMO_PRESET[args.stage].items():
+        if key not in given:
+            setattr(args, key, value)
+    return args
+
+
+# -----------------------------------------------------------------------------
+# Data
+
+
+def read_texts(path) -> list[str]:
+    """Texts from a .txt file (one a line) or .jsonl (a 'text' string a line). Blank lines are
+    counted and reported, never silently dropped."""
+    path = Path(path)
+    if not path.is_file():
+        raise TrainError(f"{path}: file not found")
+    texts, blank = [], 0
+    with open(path, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                blank += 1
+                continue
+            if path.suffix == ".jsonl":
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise TrainError(f"{path}:{n}: invalid JSON: {e.msg}") from None
+                if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                    raise TrainError(f"{path}:{n}: expected an object with a string field 'text'")
+                texts.append(obj["text"])
+            else:
+                texts.append(line.rstrip("\n"))
+    if blank:
+        print(f"{path}: {blank} blank line(s) ignored")
+    if not texts:
+        raise TrainError(f"{path}: no texts")
+    return texts
+
+
+def epoch_order(n, epoch, seed):
+    """The shuffled order of epoch `epoch`: a pure function of (n, epoch, seed), so a resumed run
+    sees exactly the batches the uninterrupted run would have seen."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def micro_batch(n, position, global_batch, seed, rank, world):
+    """Indices of this rank's part of global micro-batch number `position` (incomplete batches at
+    an epoch's end are dropped, so every rank has the same batch size)."""
+    per_epoch = n // global_batch
+    epoch, i = divmod(position, per_epoch)
+    idx = epoch_order(n, epoch, seed)[i * global_batch: (i + 1) * global_batch]
+    return idx[rank::world]
+
+
+# -----------------------------------------------------------------------------
+# Distributed (torchrun): each rank trains on its share of every global batch; gradients of the
+# trainable parameters are averaged once per optimizer step. (We average explicitly rather than
+# wrap in DDP: the LM head is used outside forward(), and may be tied to the embedding.)
+
+
+def setup_distributed(device_arg):
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device_arg == "auto":
+        device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(device_arg)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise TrainError(f"--device {device_arg}: CUDA is not available on this machine")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def all_reduce_(t, op=dist.ReduceOp.SUM):
+    if dist.is_initialized():
+        dist.all_reduce(t, op=op)
+    return t
+
+
+def average_gradients(params, world):
+    if world == 1:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])  # one collective, not one per tensor
+    all_reduce_(flat).div_(world)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset: offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+# -----------------------------------------------------------------------------
+# Run directories and checkpoints (written to a temporary name, then renamed: a kill during a
+# write never leaves something that looks complete)
+
+
+def git_commit():
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def write_json_atomic(path, obj):
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def save_weights_atomic(tensors: dict, path):
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    from safetensors.torch import save_file
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def trainable_state(model, lora: bool) -> dict:
+    if lora:
+        return M.lora_state_dict(model)
+    state = model.state_dict()
+    if model.args.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    return state
+
+
+def weights_name(lora):
+    return "adapter.safetensors" if lora else "model.safetensors"
+
+
+def list_checkpoints(out: Path):
+    ckpts = []
+    for d in (out / "checkpoints").glob("step-*"):
+        if d.is_dir() and d.name[5:].isdigit() and (d / "state.pt").is_file():
+            ckpts.append((int(d.name[5:]), d))
+    return [d for _, d in sorted(ckpts)]
+
+
+def save_checkpoint(out: Path, step, model, lora, opt, sched, scaler, position, keep_last):
+    final = out / "checkpoints" / f"step-{step}"
+    tmp = out / "checkpoints" / f".tmp-step-{step}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_weights_atomic(trainable_state(model, lora), tmp / weights_name(lora))
+    torch.save({
+        "step": step, "position": position, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+    }, tmp / "state.pt")
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in list_checkpoints(out)[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old)
+    return final
+
+
+def load_checkpoint(ckpt: Path, model, lora, opt, sched, scaler):
+    from safetensors.torch import load_file
+    weights = load_file(str(ckpt / weights_name(lora)))
+    model.load_state_dict(weights, strict=False)  # only the trainable tensors are saved
+    state = torch.load(ckpt / "state.pt", weights_only=False)
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    if scaler is not None and state["scaler"] is not None:
+        scaler.load_state_dict(state["scaler"])
+    random.setstate(state["rng"]["python"])
+    np.random.set_state(state["rng"]["numpy"])
+    torch.set_rng_state(state["rng"]["torch"])
+    if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return state["step"], state["position"]
+
+
+def prepare_out(args):
+    out = Path(args.out)
+    if args.resume:
+        if not (out / "meta.json").is_file():
+            raise TrainError(f"--resume: {out} holds no run (no meta.json)")
+        old = M.read_json(out / "meta.json")["args"]
+        now = vars(args)
+        diff = [k for k in now if k not in RESUMABLE and old.get(k) != now[k]]
+        if diff:
+            detail = ", ".join(f"--{k.replace('_', '-')} {old.get(k)!r} -> {now[k]!r}" for k in diff)
+            raise TrainError(f"--resume: flags differ from the run in {out}: {detail}")
+    elif out.exists() and any(out.iterdir()):
+        raise TrainError(f"--out {out} exists and is not empty (use --resume to continue it, or another --out)")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Precision
+
+
+def resolve_precision(precision, device):
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision in ("bf16", "fp16") and device.type != "cuda":
+        raise TrainError(f"--precision {precision} needs a CUDA device (this run is on {device}); use fp32")
+    return precision
+
+
+def autocast_ctx(precision, device):
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def lr_factor(step, total, warmup, schedule):
+    """Multiplier of the peak lr at optimizer step `step` (0-based): linear warmup, then linear
+    decay to 0 at `total` (as transformers' get_linear_schedule_with_warmup) or constant."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+# -----------------------------------------------------------------------------
+# Model and targets for a stage
+
+
+def build_student(args, device, precision, log):
+    """Stage 1: the base checkpoint. Stage 2: the stage-1 run, merged. Then a fresh LoRA (or full
+    fine-tuning). Returns (model, tokenizer, trainable params, teacher or None)."""
+    lora = args.lora_r > 0
+    # with LoRA the frozen base is kept in the autocast dtype (one 16-bit copy, as the memory plan
+    # says); full fine-tuning keeps fp32 master weights
+    dtype = torch.bfloat16 if (lora and precision == "bf16") else torch.float16 if (lora and precision == "fp16") \
+        else torch.float32
+    source = args.init if args.stage == 2 else args.model
+    model, tok = M.load(source, device, dtype)
+    teacher = None
+    if args.stage == 2 and not lora:
+        teacher = copy.deepcopy(model).eval()  # full fine-tuning needs a frozen copy
+        for p in teacher.parameters():
+            p.requires_grad = False
+    if lora:
+        params = M.add_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout,
+                            [t.strip() for t in args.lora_targets.split(",") if t.strip()])
+        for p in params:
+            p.data = p.data.float()  # LoRA weights stay fp32 under autocast
+    else:
+        for p in model.parameters():
+            p.requires_grad = True
+        params = list(model.parameters())
+        if model.args.tie_embeddings:
+            log("full fine-tuning: the LM head is tied to the embedding, so it is trained too")
+    model.grad_checkpointing = args.grad_checkpointing
+    return model, tok, params, teacher
+
+
+def stage1_targets(args, texts, tok, log):
+    """Sparse data-driven targets for every text; texts without any target are dropped (counted)."""
+    weights = None
+    if args.target_weighting == "idf":
+        weights = T.idf_weights(texts, tok, args.max_length)
+    ids, w, n_empty = T.precompute_data_driven(texts, tok, args.max_length, k=64, weights=weights)
+    keep = (ids >= 0).any(1)
+    if n_empty:
+        log(f"stage 1: {n_empty} of {len(texts)} texts have no meaningful token and are skipped")
+    idx = keep.nonzero().flatten().tolist()
+    return [texts[i] for i in idx], ids[keep], w[keep]
+
+
+def background(args, out, embedder, texts, rank, world, log):
+    """theta = mean teacher logits over the corpus, computed once and cached in the run dir."""
+    cache = out / "background.safetensors"
+    if cache.is_file():
+        from safetensors.torch import load_file
+        log(f"stage 2: background read from {cache}")
+        return load_file(str(cache))["logits"].to(embedder.device)
+    sample = texts[: args.background_samples] if args.background_samples else texts
+    t0 = time.time()
+    s, n = T.background_sum(embedder, sample[rank::world], batch_size=args.batch_size)
+    s = all_reduce_(s.to(embedder.device, torch.float64))
+    n = int(all_reduce_(torch.tensor([n], device=embedder.device, dtype=torch.float64)).item())
+    theta = (s / n).float()
+    if rank == 0:
+        save_weights_atomic({"logits": theta}, cache)
+    log(f"stage 2: background over {n} texts in {time.time() - t0:.1f}s")
+    return theta
+
+
+# -----------------------------------------------------------------------------
+# Training
+
+
+def train(args, argv=()):
+    rank, world, device = setup_distributed(args.device)
+    log = (lambda msg: print(msg, flush=True)) if rank == 0 else (lambda msg: None)
+    if args.stage == 2 and not args.init:
+        raise TrainError("--stage 2 needs --init RUN_DIR (the stage-1 run)")
+    if args.out is None:
+        raise TrainError("--out DIR is required")
+    precision = resolve_precision(args.precision, device)
+    out = prepare_out(args) if rank == 0 else Path(args.out)
+    if world > 1:
+        dist.barrier()
+    random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
+
+    # --- model, embedder, data, targets
+    model, tok, params, teacher = build_student(args, device, precision, log)
+    lora = args.lora_r > 0
+    causal = args.attention == "causal"
+    emb = M.Embedder(model, tok, args.pooling, causal, args.max_length, args.prompt)
+    texts = read_texts(args.data)
+    if args.targets:
+        tgt_ids, tgt_w, header = T.load_targets(args.targets)
+        if len(tgt_ids) != len(texts):
+            raise TrainError(f"{args.targets}: {len(tgt_ids)} target rows for {len(texts)} texts in {args.data}")
+        log(f"targets: {args.targets} ({header.get('kind', '?')})")
+    elif args.stage == 1:
+        texts, tgt_ids, tgt_w = stage1_targets(args, texts, tok, log)
+    else:
+        tgt_ids = tgt_w = None  # stage 2 on the fly from the teacher
+    if args.stage == 2 and tgt_ids is None:
+        t_emb = M.Embedder(teacher or model, tok, emb.pooling, causal, args.max_length, emb.prompt)
+        with M.lora_enabled(model, False):
+            theta = background(args, out, t_emb, texts, rank, world, log)
+    global_batch = args.batch_size * world
+    per_epoch = len(texts) // global_batch
+    if per_epoch == 0:
+        raise TrainError(f"{args.data}: {len(texts)} texts are fewer than one global batch ({global_batch})")
+    total = args.max_steps or max(1, int(args.epochs * per_epoch / args.grad_accum))
+    tokenized = tok.encode_with_prompt(texts, emb.prompt, args.max_length)  # [(ids, text mask)] per text
+
+    # --- optimizer, schedule, scaler, resume
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=args.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, args.warmup_steps, args.schedule))
+    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+    step, position = 0, 0
+    meta = {
+        "stage": args.stage, "args": vars(args), "seed": args.seed, "git_commit": git_commit(),
+        "base_model": str(Path(args.model).resolve()) if args.stage == 1 else M.read_json(Path(args.init) / "meta.json")["base_model"],
+        "base_model_given": args.model, "init": str(Path(args.init).resolve()) if args.init else None,
+        "model_args": M.args_dict(model.args), "precision": precision, "world_size": world,
+        "lora": dict(r=args.lora_r, alpha=args.lora_alpha, targets=args.lora_targets.split(",")) if lora else None,
+        "embedding": emb.settings() | {"max_length": args.max_length}, "n_texts": len(texts), "total_steps": total,
+    }
+    if args.resume:
+        ckpts = list_checkpoints(out)
+        if ckpts:
+            step, position = load_checkpoint(ckpts[-1], model, lora, opt, sched, scaler)
+            log(f"resumed from {ckpts[-1]} (step {step})")
+        else:
+            log(f"--resume: no checkpoint in {out}, starting at step 0")
+    if rank == 0:
+        write_json_atomic(out / "meta.json", meta)
+    n_train = sum(p.numel() for p in params)
+    log(f"stage {args.stage}: {len(texts)} texts, {total} steps of {global_batch * args.grad_accum} texts, "
+        f"{n_train:,} trainable parameters ({'LoRA r=%d' % args.lora_r if lora else 'full'}), "
+        f"{precision} on {device}{f' x{world}' if world > 1 else ''}")
+
+    # --- the loop: lr, forward, loss, backward, clip, step, log
+    model.train()
+    start_step = step
+    skipped, last_ckpt, t_start, tokens, metrics = 0, None, time.time(), 0, {}
+    ckpts = list_checkpoints(out)
+    last_ckpt = ckpts[-1] if ckpts else None
+    mfile = open(out / "metrics.jsonl", "a") if rank == 0 else None
+    while step < total:
+        t0 = time.time()
+        loss_sum, ent_sum, n_tok = 0.0, 0.0, 0
+        for _ in range(args.grad_accum):
+            idx = micro_batch(len(texts), position, global_batch, args.seed, rank, world)
+            position += 1
+            ids, att, sub = M.pad_batch([tokenized[i][0] for i in idx], tok.pad_id, [tokenized[i][1] for i in idx])
+            ids, att, sub = ids.to(device), att.to(device), sub.to(device)
+            n_tok += int(att.sum())
+            if tgt_ids is not None:  # precomputed sparse target (stage 1, or stage 2 from a file)
+                target = (tgt_ids[idx].long().to(device), tgt_w[idx].to(device))
+                ent_sum += float(T.entropy(target[1]).mean())
+            else:  # stage 2 on the fly: the teacher is the student with its adapter off
+                with torch.no_grad(), autocast_ctx(precision, device), M.lora_enabled(model, False):
+                    h_t = t_emb.embed_ids(ids, att, sub)
+                    target = T.model_derived_target(t_emb.model.token_logits(h_t), theta, args.tau)  # [B, V]
+                ent_sum += float(T.entropy(target).mean())
+            with autocast_ctx(precision, device):
+                h = emb.embed_ids(ids, att, sub)  # [B, D] fp32 pooled
+            logits = model.token_logits(h)  # [B, V] fp32, never [B, T, V]
+            loss = T.kl_loss(logits, target) / args.grad_accum
+            loss_sum += float(loss.detach())
+            (scaler.scale(loss) if scaler else loss).backward()
+        average_gradients(params, world)
+        if scaler:
+            scaler.unscale_(opt)
+        gnorm = torch.nn.utils.clip_grad_norm_(params, args.clip if args.clip > 0 else float("inf"))
+        loss_t = all_reduce_(torch.tensor([loss_sum], device=device)) / world
+        finite = bool(torch.isfinite(loss_t).all() and torch.isfinite(gnorm))
+        if not finite and not scaler:  # (with fp16 the scaler skips such steps by itself)
+            opt.zero_grad(set_to_none=True)
+            skipped += 1
+            if skipped > args.skip_nonfinite:
+                raise TrainError(f"non-finite loss or gradient at step {step + 1}; last good checkpoint: "
+                                 f"{last_ckpt or 'none'} (use --skip-nonfinite N to skip such batches)")
+            log(f"WARNING: non-finite loss or gradient at step {step + 1}, batch skipped "
+                f"({skipped}/{args.skip_nonfinite})")
+            continue
+        lr = opt.param_groups[0]["lr"]
+        if scaler:
+            scaler.step(opt), scaler.update()
+        else:
+            opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        tokens += n_tok * world
+        dt = time.time() - t0
+        elapsed = time.time() - t_start
+        metrics = dict(step=step, loss=round(float(loss_t), 6), lr=lr, grad_norm=round(float(gnorm), 6),
+                       tokens_per_s=round(n_tok * world / dt, 1), target_entropy=round(ent_sum / args.grad_accum, 4),
+                       elapsed_s=round(elapsed, 2))
+        if rank == 0:
+            mfile.write(json.dumps(metrics) + "\n")
+            mfile.flush()
+            eta = elapsed / max(1, step - start_step) * (total - step)
+            line = (f"step {step}/{total} loss {metrics['loss']:.4f} lr {lr:.2e} "
+                    f"tok/s {metrics['tokens_per_s']:.0f} elapsed {elapsed:.0f}s eta {eta:.0f}s")
+            if sys.stdout.isatty():
+                print("\r" + line, end="\n" if step == total else "", flush=True)
+            elif step % args.log_every == 0 or step == total or step == 1:
+                print(line, flush=True)
+        if args.save_every and step % args.save_every == 0 and step < total:
+            if rank == 0:
+                last_ckpt = save_checkpoint(out, step, model, lora, opt, sched, scaler, position, args.keep_last)
+            if world > 1:
+                dist.barrier()
+
+    # --- final weights and summary
+    if rank == 0:
+        mfile.close()
+        save_weights_atomic(trainable_state(model, lora), out / weights_name(lora))
+        meta["last_metrics"] = metrics
+        meta["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        write_json_atomic(out / "meta.json", meta)
+        log(f"done: {step} steps in {time.time() - t_start:.1f}s, final loss {metrics.get('loss', float('nan')):.4f}, "
+            f"{tokens / max(1e-9, time.time() - t_start):.0f} tokens/s -> {out}")
+    return out
+
+
+# -----------------------------------------------------------------------------
+# The demo: stage 1 then stage 2 on the bundled data, STS Benchmark after each
+
+
+def demo(argv):
+    import evaluate as E
+    root = Path("runs") / "demo"
+    if root.exists():
+        print(f"replacing the earlier demo in {root}")
+        shutil.rmtree(root)
+    p = argparse.ArgumentParser()
+    train_parser(p)
+    scores = {}
+    untrained = M.Embedder.from_pretrained(DEFAULT_MODEL, "mean", "bidirectional", 128)
+    scores["untrained"] = E.evaluate_sts(untrained, "STSBenchmark")["cosine_spearman"]
+    print(f"STS Benchmark test, untrained: {scores['untrained']:.4f}")
+    for stage in (1, 2):
+        extra = ["--stage", str(stage), "--out", str(root / f"stage{stage}"), "--preset", "demo"]
+        if stage == 2:
+            extra += ["--init", str(root / "stage1")]
+        args = apply_preset(p.parse_args(argv + extra), argv + extra)
+        print(f"demo stage {stage}: " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in DEMO_PRESET[stage].items()))
+        run = train(args, argv + extra)
+        scores[f"stage{stage}"] = E.evaluate_sts(M.Embedder.from_run(run), "STSBenchmark")["cosine_spearman"]
+        print(f"STS Benchmark test, after stage {stage}: {scores[f'stage{stage}']:.4f}")
+    print("\nSTS Benchmark (test, cosine Spearman): " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+    return scores
+
+
+# -----------------------------------------------------------------------------
+# Other commands
+
+
+def cmd_targets(args):
+    """Precompute targets for a corpus into targets.safetensors."""
+    texts = read_texts(args.data)
+    prog = progress_printer("targets")
+    if args.stage == 1:
+        model_tok = M.Tokenizer.from_dir(args.model) if not M.is_run_dir(args.model) else M.load(args.model)[1]
+        weights = T.idf_weights(texts, model_tok, args.max_length) if args.target_weighting == "idf" else None
+        ids, w, n_empty = T.precompute_data_driven(texts, model_tok, args.max_length, k=args.k, weights=weights)
+        header = dict(kind="data-driven", weighting=args.target_weighting, n_empty=n_empty)
+    else:
+        emb = embedder_for(args.model, args, dtype=torch.float32)
+        theta = T.background_logits(emb, texts[: args.background_samples] if args.background_samples else texts,
+                                    batch_size=args.batch_size, progress=prog)
+        ids, w = T.precompute_model_derived(emb, texts, theta, args.tau, k=args.k, batch_size=args.batch_size, progress=prog)
+        header = dict(kind="model-derived", tau=args.tau)
+    header |= dict(model=str(args.model), data=str(args.data), max_length=args.max_length, k=int(ids.shape[1]))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    T.save_targets(out, ids, w, header)
+    print(f"wrote {out}: {len(ids)} rows, k={ids.shape[1]}")
+
+
+def cmd_export(args):
+    """A run directory (or checkpoint) -> HF checkpoint folder with merged weights + text2token.json."""
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise TrainError(f"--out {out} exists and is not empty")
+    emb = embedder_for(args.model, args)
+    dtype = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    M.save_hf(emb.model, M.base_checkpoint_dir(args.model), out, emb.settings(), dtype=dtype)
+    print(f"exported {args.model} -> {out} ({emb.settings()})")
+
+
+@torch.no_grad()
+def top_tokens(emb, texts, k=10):
+    """The paper's token-alignment view: top-k of softmax(lm_head(h(x))) and hit@k, i.e. whether
+    any of those tokens occurs among the input's token ids."""
+    probs = emb.model.token_logits(emb.embed(texts)).softmax(-1)  # [B, V]
+    p, ids = probs.topk(k, dim=-1)  # [B, k]
+    inputs = emb.tokenizer.encode(texts, add_special_tokens=False, max_length=emb.max_length)
+    hits = [len(set(row.tolist()) & set(inp)) / k for row, inp in zip(ids, inputs)]  # overlap@k
+    return p, ids, hits
+
+
+def cmd_inspect(args):
+    emb = embedder_for(args.model, args)
+    emb.model.eval()
+    if args.texts:
+        p, ids, hits = top_tokens(emb, args.texts, args.top)
+        for text, pr, row, hit in zip(args.texts, p, ids, hits):
+            print(f"{text[:80]!r}  hit@{args.top}={int(hit > 0)} overlap@{args.top}={hit:.1f}")
+            print("   " + "  ".join(f"{emb.tokenizer.decode([i])!r} {q:.3f}" for i, q in zip(row.tolist(), pr.tolist())))
+    if args.corpus:
+        texts = read_texts(args.corpus)[: args.n]
+        hits = []
+        for s in range(0, len(texts), args.batch_size):
+            hits += top_tokens(emb, texts[s: s + args.batch_size], args.top)[2]
+        rate = sum(h > 0 for h in hits) / len(hits)
+        print(f"over {len(texts)} texts of {args.corpus}: hit@{args.top} {rate:.4f}, "
+              f"overlap@{args.top} {sum(hits) / len(hits):.4f} (share of the top tokens found in the input)")
+        return rate, sum(hits) / len(hits)
+    if not args.texts:
+        raise TrainError("inspect: give texts to inspect or --corpus FILE")
+
+
+def embedder_for(path, args, dtype=torch.float32):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return M.Embedder.from_pretrained(path, args.pooling, args.attention, args.max_length, args.prompt, device, dtype)
+
+
+def progress_printer(what):
+    t0 = time.time()
+
+    def show(done, total):
+        rate = done / max(1e-9, time.time() - t0)
+        print(f"\r{what}: {done}/{total} ({rate:.0f}/s)", end="\n" if done == total else "", file=sys.stderr, flush=True)
+    return show
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv == ["train"]:
+        return demo([])
+    p = argparse.ArgumentParser(prog="t2t.py", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    train_parser(sub.add_parser("train", help="train stage 1 or 2"))
+    tp = sub.add_parser("targets", help="precompute targets for a corpus")
+    for a, kw in [("--model", dict(default=str(DEFAULT_MODEL))), ("--data", dict(default=str(DEFAULT_DATA))),
+                  ("--out", dict(required=True)), ("--stage", dict(type=int, choices=[1, 2], default=1)),
+                  ("--k", dict(type=int, default=64)), ("--tau", dict(type=float, default=1e-4)),
+                  ("--max-length", dict(type=int, default=128)), ("--batch-size", dict(type=int, default=32)),
+                  ("--background-samples", dict(type=int, default=None)),
+                  ("--target-weighting", dict(choices=["none", "idf"], default="none")),
+                  ("--attention", dict(choices=["bidirectional", "causal"], default="bidirectional")),
+                  ("--pooling", dict(choices=["mean", "last"], default="mean")), ("--prompt", dict(default=None))]:
+        tp.add_argument(a, **kw)
+    ip = sub.add_parser("inspect", help="top tokens of lm_head(h(x)) and hit@10")
+    ip.add_argument("texts", nargs="*", help="texts to inspect")
+    ep = sub.add_parser("export", help="merged weights as an HF checkpoint folder")
+    ep.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto", help="auto: as loaded (fp32)")
+    for q in (ip, ep):
+        q.add_argument("--model", default=str(DEFAULT_MODEL), help="run directory or HF checkpoint folder")
+        q.add_argument("--attention", choices=["bidirectional", "causal"], default=None, help="default: the run's")
+        q.add_argument("--pooling", choices=["mean", "last"], default=None, help="default: the run's")
+        q.add_argument("--prompt", default=None)
+        q.add_argument("--max-length", type=int, default=None, help="default: the run's, else 512")
+    ep.add_argument("--out", required=True)
+    ip.add_argument("--corpus", default=None, help="text file: report the hit@10 rate over its first --n texts")
+    ip.add_argument("--n", type=int, default=1000)
+    ip.add_argument("--top", type=int, default=10)
+    ip.add_argument("--batch-size", type=int, default=32)
+    args = p.parse_args(argv)
+    if args.cmd == "inspect":
+        return cmd_inspect(args)
+    if args.cmd == "export":
+        return cmd_export(args)
+    if args.cmd == "train":
+        if args.preset == "demo" and args.out is None and "--stage" not in argv:
+            return demo([a for a in argv[1:] if a not in ("--preset", "demo", "--preset=demo")])
+        return train(apply_preset(args, argv), argv)
+    if args.cmd == "targets":
+        return cmd_targets(args)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (TrainError, M.ModelError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(130)
