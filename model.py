@@ -121,7 +121,8 @@ def args_from_config(cfg: dict, where="config.json") -> ModelArgs:
         head_dim=head_dim,
         ffn_dim=cfg["intermediate_size"],
         norm_eps=cfg.get("rms_norm_eps", 1e-6),
-        qkv_bias=True if mt == "qwen2" else bias,  # modeling_qwen2: q/k/v always biased
+        # modeling_qwen2: q/k/v always biased; modeling_mistral: never; llama/qwen3: attention_bias
+        qkv_bias=True if mt == "qwen2" else False if mt == "mistral" else bias,
         o_bias=bias if mt in ("llama", "qwen3") else False,
         mlp_bias=bool(cfg.get("mlp_bias", False)),
         qk_norm=mt == "qwen3",
@@ -480,13 +481,17 @@ class Tokenizer:
         for text in texts:
             ids, mask = self._prompted(prompt, text)
             if max_length and len(ids) > max_length:
+                # cut after the keep-th text token as tokenized inside the prompt (alone, the text can
+                # tokenize differently); merges across the cut can add a token: shorten until it fits
+                start = prompt.index("{text}")
+                offsets = self.tok.encode(prompt.replace("{text}", text)).offsets
+                ends = [e - start for (_, e), m in zip(offsets, mask) if m]  # [text tokens]
                 keep = sum(mask) - (len(ids) - max_length)  # text tokens that fit
-                if keep <= 0:
-                    raise ModelError(f"prompt {prompt!r} alone needs more than max_length={max_length} tokens")
-                enc = self.tok.encode(text, add_special_tokens=False)
-                text = text[: enc.offsets[keep - 1][1]]
-                ids, mask = self._prompted(prompt, text)
-                ids, mask = ids[:max_length], mask[:max_length]  # boundary merges can add one token
+                while len(ids) > max_length:
+                    if keep <= 0:
+                        raise ModelError(f"prompt {prompt!r} alone needs more than max_length={max_length} tokens")
+                    ids, mask = self._prompted(prompt, text[: ends[keep - 1]])
+                    keep -= 1
             out.append((ids, mask))
         return out
 

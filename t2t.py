@@ -389,7 +389,11 @@ def background(args, out, embedder, texts, rank, world, log):
         return load_file(str(cache))["logits"].to(embedder.device)
     sample = texts[: args.background_samples] if args.background_samples else texts
     t0 = time.time()
-    s, n = T.background_sum(embedder, sample[rank::world], batch_size=args.batch_size)
+    shard = sample[rank::world]
+    if shard:
+        s, n = T.background_sum(embedder, shard, batch_size=args.batch_size)
+    else:  # fewer texts than ranks
+        s, n = torch.zeros(embedder.model.args.vocab_size, dtype=torch.float64), 0
     s = all_reduce_(s.to(embedder.device, torch.float64))
     n = int(all_reduce_(torch.tensor([n], device=embedder.device, dtype=torch.float64)).item())
     theta = (s / n).float()
@@ -426,6 +430,11 @@ def train(args, argv=()):
         tgt_ids, tgt_w, header = T.load_targets(args.targets)
         if len(tgt_ids) != len(texts):
             raise TrainError(f"{args.targets}: {len(tgt_ids)} target rows for {len(texts)} texts in {args.data}")
+        keep = (tgt_ids >= 0).any(1)  # texts without any target token are skipped, and counted
+        if not keep.all():
+            log(f"targets: {int((~keep).sum())} of {len(texts)} texts have an empty target and are skipped")
+            texts = [t for t, k in zip(texts, keep.tolist()) if k]
+            tgt_ids, tgt_w = tgt_ids[keep], tgt_w[keep]
         log(f"targets: {args.targets} ({header.get('kind', '?')})")
     elif args.stage == 1:
         texts, tgt_ids, tgt_w = stage1_targets(args, texts, tok, log)
@@ -525,7 +534,7 @@ def train(args, argv=()):
         tokens += n_tok * world
         dt = time.time() - t0
         elapsed = time.time() - t_start
-        metrics = dict(step=step, loss=round(float(loss_t), 6), lr=lr, grad_norm=round(float(gnorm), 6),
+        metrics = dict(step=step, loss=float(loss_t), lr=lr, grad_norm=float(gnorm),
                        tokens_per_s=round(n_tok * world / dt, 1), target_entropy=round(ent_sum / args.grad_accum, 4),
                        elapsed_s=round(elapsed, 2))
         if rank == 0:
