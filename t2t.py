@@ -217,11 +217,15 @@ def git_commit():
         return None
 
 
-def write_json_atomic(path, obj):
+def write_text_atomic(path, text):
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json_atomic(path, obj):
+    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
 def save_weights_atomic(tensors: dict, path):
@@ -469,6 +473,10 @@ def train(args, argv=()):
         if ckpts:
             step, position = load_checkpoint(ckpts[-1], model, lora, opt, sched, scaler)
             log(f"resumed from {ckpts[-1]} (step {step})")
+            if rank == 0:  # drop the metric lines logged after that checkpoint: they are redone
+                lines = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").is_file() else []
+                kept = [l for l in lines if json.loads(l)["step"] <= step]
+                write_text_atomic(out / "metrics.jsonl", "".join(l + "\n" for l in kept))
         else:
             log(f"--resume: no checkpoint in {out}, starting at step 0")
     if rank == 0:

@@ -182,6 +182,9 @@ def test_resume_after_sigkill_is_exact(tmp_path):
     assert set(a) == set(b)
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
     assert len(t2t.list_checkpoints(out)) == 2  # --keep-last 2
+    # the metrics log has each step once, and the same losses as the uninterrupted run
+    assert [json.loads(l)["step"] for l in (out / "metrics.jsonl").read_text().splitlines()] == list(range(1, 41))
+    assert losses(out) == pytest.approx(losses(tmp_path / "full"), abs=1e-6)
 
 
 def test_resume_refuses_changed_flags_and_non_empty_out(tmp_path):
