@@ -89,14 +89,14 @@ def read_sts(path) -> STSData:
     if not path.is_file():
         raise EvalError(f"{path}: no such STS file")
     lines = path.read_text(encoding="utf-8").splitlines()
+    header = split_row(lines[0], path.suffix) if lines and path.suffix != ".jsonl" else []
     if path.suffix == ".jsonl":
-        rows = sts_rows_jsonl(path, lines)
+        parse, first = jsonl_pair, 1
+    elif {"sentence1", "sentence2", "score"} <= set(header):
+        parse, first = (lambda line, where: headed_pair(split_row(line, path.suffix), header, where)), 2
     else:
-        header = split_row(lines[0], path.suffix) if lines else []
-        if {"sentence1", "sentence2", "score"} <= set(header):
-            rows = sts_rows_headed(path, lines, header)
-        else:
-            rows = sts_rows_stsbenchmark(path, lines)
+        parse, first = stsbenchmark_pair, 1
+    rows = [parse(line, f"{path}:{i}") for i, line in enumerate(lines[first - 1:], first) if line.strip()]
     if not rows:
         raise EvalError(f"{path}: no sentence pairs")
     s1, s2, scores = zip(*rows)
@@ -110,46 +110,30 @@ def split_row(line, suffix):
     return line.split("\t")
 
 
-def sts_rows_jsonl(path, lines):
-    rows = []
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise EvalError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-        missing = [k for k in ("sentence1", "sentence2", "score") if not isinstance(obj, dict) or k not in obj]
-        if missing:
-            raise EvalError(f"{path}:{i}: missing key(s) {', '.join(missing)}")
-        rows.append((str(obj["sentence1"]), str(obj["sentence2"]), parse_score(obj["score"], f"{path}:{i}")))
-    return rows
+def jsonl_pair(line, where):
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise EvalError(f"{where}: not valid JSON ({e.msg})") from None
+    missing = [k for k in ("sentence1", "sentence2", "score") if not isinstance(obj, dict) or k not in obj]
+    if missing:
+        raise EvalError(f"{where}: missing key(s) {', '.join(missing)}")
+    return str(obj["sentence1"]), str(obj["sentence2"]), parse_score(obj["score"], where)
 
 
-def sts_rows_headed(path, lines, header):
-    c1, c2, cs = header.index("sentence1"), header.index("sentence2"), header.index("score")
-    rows = []
-    for i, line in enumerate(lines[1:], 2):
-        if not line.strip():
-            continue
-        f = split_row(line, path.suffix)
-        if len(f) != len(header):
-            raise EvalError(f"{path}:{i}: {len(f)} fields, the header has {len(header)}")
-        rows.append((f[c1], f[c2], parse_score(f[cs], f"{path}:{i}")))
-    return rows
+def headed_pair(fields, header, where):
+    if len(fields) != len(header):
+        raise EvalError(f"{where}: {len(fields)} fields, the header has {len(header)}")
+    row = dict(zip(header, fields))
+    return row["sentence1"], row["sentence2"], parse_score(row["score"], where)
 
 
-def sts_rows_stsbenchmark(path, lines):
-    rows = []
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        f = line.split("\t")  # genre, file, years, id, score, sentence1, sentence2 [, source1, source2]
-        if len(f) < 7:
-            raise EvalError(f"{path}:{i}: {len(f)} tab-separated fields, the STS Benchmark layout has at least 7 "
-                            f"(score in field 4, sentences in 5 and 6), or give a header naming sentence1/sentence2/score")
-        rows.append((f[5], f[6], parse_score(f[4], f"{path}:{i}")))
-    return rows
+def stsbenchmark_pair(line, where):
+    f = line.split("\t")  # genre, file, years, id, score, sentence1, sentence2 [, source1, source2]
+    if len(f) < 7:
+        raise EvalError(f"{where}: {len(f)} tab-separated fields, the STS Benchmark layout has at least 7 "
+                        f"(score in field 4, sentences in 5 and 6), or give a header naming sentence1/sentence2/score")
+    return f[5], f[6], parse_score(f[4], where)
 
 
 def read_jsonl_texts(path, build):
@@ -393,17 +377,10 @@ def evaluate_sts(encoder, path_or_name, batch_size=32) -> dict:
 def similarity_rows(q, d, similarity):
     """q [nq, d], d [nd, d] -> scores [nq, nd]: cosine (L2-normalise both) or raw dot product."""
     if similarity == "cosine":
-        q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
-        d = d / np.maximum(np.linalg.norm(d, axis=1, keepdims=True), 1e-12)
+        q, d = unit_rows(q), unit_rows(d)
     elif similarity != "dot":
         raise EvalError(f"similarity {similarity!r} is not supported (cosine or dot)")
     return q @ d.T
-
-
-def log_retrieval_counts(name, data, split):
-    dropped = data.n_queries_read - len(data.query_ids)
-    log(f"{name}: {len(data.doc_ids)} documents, {data.n_queries_read} queries read; {len(data.query_ids)} "
-        f"with qrels in '{split}' kept, {dropped} without dropped")
 
 
 def evaluate_retrieval(encoder, path_or_name, similarity="cosine", split="test", ignore_identical_ids=False,
@@ -412,7 +389,8 @@ def evaluate_retrieval(encoder, path_or_name, similarity="cosine", split="test",
     corpus, top 1000 per query, MTEB's retrieval keys."""
     name, kind, path = resolve_task(path_or_name)
     data = read_beir(path, split)
-    log_retrieval_counts(name, data, split)
+    log(f"{name}: {len(data.doc_ids)} documents, {data.n_queries_read} queries read; {len(data.query_ids)} with "
+        f"qrels in '{split}' kept, {data.n_queries_read - len(data.query_ids)} without dropped")
     q = encode(encoder, data.queries, batch_size, f"{name} queries")  # [nq, d]
     d = encode(encoder, data.docs, batch_size, f"{name} corpus")  # [nd, d]
     run = {}
@@ -424,10 +402,10 @@ def evaluate_retrieval(encoder, path_or_name, similarity="cosine", split="test",
 
 
 def evaluate_task(encoder, task, similarity="cosine", batch_size=32, ignore_identical_ids=False):
-    name, kind, path = resolve_task(task)
-    if kind == "sts":
-        return evaluate_sts(encoder, path, batch_size=batch_size)
-    return evaluate_retrieval(encoder, path, similarity, ignore_identical_ids=ignore_identical_ids,
+    """One task by name or path: STS or retrieval, whichever it is."""
+    if resolve_task(task)[1] == "sts":
+        return evaluate_sts(encoder, task, batch_size=batch_size)
+    return evaluate_retrieval(encoder, task, similarity, ignore_identical_ids=ignore_identical_ids,
                               batch_size=batch_size)
 
 
@@ -485,6 +463,8 @@ def sparse_scores(queries, docs):
 
 
 def evaluate_tfidf(task, split="test", ignore_identical_ids=False) -> dict:
+    """The reference row: STS pairs or exact retrieval with TF-IDF vectors (table only, no result
+    files: it is a yardstick, not a model)."""
     name, kind, path = resolve_task(task)
     background = WIKI_SAMPLE.read_text(encoding="utf-8").splitlines()
     if kind == "sts":
@@ -572,18 +552,18 @@ class MTEBAdapter:
         return self.encoder.encode(texts, batch_size=kwargs.get("batch_size", self.batch_size))
 
     def similarity(self, a, b):
+        """[n1, d], [n2, d] -> torch [n1, n2], the scores mteb's exact search ranks."""
         import torch
-        a, b = torch.as_tensor(a, dtype=torch.float32), torch.as_tensor(b, dtype=torch.float32)
-        if self.meta["similarity_fn_name"] == "cosine":
-            a, b = torch.nn.functional.normalize(a, dim=-1), torch.nn.functional.normalize(b, dim=-1)
-        return a @ b.T  # [n1, n2]
+        return torch.from_numpy(similarity_rows(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                                                self.meta["similarity_fn_name"]))
 
     def similarity_pairwise(self, a, b):
+        """[n, d], [n, d] -> torch [n]; cosine by the formula evaluate_sts uses, so that MTEB's
+        'spearman' equals its cosine_spearman."""
         import torch
-        if self.meta["similarity_fn_name"] == "cosine":  # the formula evaluate_sts uses, so MTEB's
-            return torch.from_numpy(pair_similarities(a, b)[0])  # 'spearman' equals its cosine_spearman
-        a, b = torch.as_tensor(a, dtype=torch.float32), torch.as_tensor(b, dtype=torch.float32)
-        return (a * b).sum(-1)  # [n]
+        if self.meta["similarity_fn_name"] == "cosine":
+            return torch.from_numpy(pair_similarities(a, b)[0])
+        return torch.from_numpy((np.asarray(a, np.float32) * np.asarray(b, np.float32)).sum(-1))
 
 
 # -----------------------------------------------------------------------------
@@ -598,6 +578,8 @@ def load_encoder(path, args):
     path = Path(path)
     if not path.is_dir():
         raise EvalError(f"--model {path}: not a directory (a run directory or an HF checkpoint folder)")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise EvalError(f"--device {args.device}: CUDA is not available here")
     dtype = getattr(torch, args.dtype)
     if model.is_run_dir(path):  # attention/pooling as trained, unless given as flags
         emb = model.Embedder.from_run(path, device=args.device, dtype=dtype, attention=args.attention,
@@ -644,7 +626,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="weights dtype")
     p.add_argument("--baseline", choices=["tfidf"], default=None,
-                   help="add the TF-IDF bag-of-words row (always added when --model is not given)")
+                   help="add the TF-IDF bag-of-words row to the table (always there when --model is not given)")
     p.add_argument("--ignore-identical-ids", action="store_true",
                    help="drop doc id == query id from rankings (MTEB does for ArguAna, Quora, FiQA2018...)")
     return p.parse_args(argv)
@@ -670,6 +652,8 @@ def main(argv=None):
     import model  # for its error type: a bad checkpoint is a user mistake, not a crash
 
     try:
+        if args.batch_size < 1 or args.max_length < 1:
+            raise EvalError(f"--batch-size {args.batch_size} / --max-length {args.max_length}: must be positive")
         tasks = [resolve_task(t) for t in args.tasks]  # a bad task name fails before any model loads
         paths = args.model or [BUNDLED_MODEL] + [Path(r) for r in DEMO_RUNS if Path(r).is_dir()]
         rows = []

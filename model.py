@@ -249,17 +249,20 @@ class Block(nn.Module):
 
 
 def attention_mask_4d(attention_mask: torch.Tensor, causal: bool) -> torch.Tensor:
-    """Boolean SDPA mask [B, 1, T, T]: True where query t may attend to key s.
+    """Boolean SDPA mask: True where query t may attend to key s. Padded keys are always hidden.
 
-    Padded keys are always hidden. Each position may also see itself, so a padded query row is
-    never fully masked (that would give NaN); real rows are unaffected since they see
-    themselves anyway."""
+    Bidirectional: [B, 1, 1, T], broadcast over the queries (SDPA then reads B*T mask entries
+    rather than B*T*T: attention ran ~20% faster on CPU, BENCHMARKS.md). A row with no real token
+    at all (an empty text) sees its own padding instead, since a fully masked row gives NaN;
+    nothing pools it. Causal: [B, 1, T, T]; each position may also see itself, so a padded query
+    row is never fully masked; real rows are unaffected since they see themselves anyway."""
     B, T = attention_mask.shape
-    keys = attention_mask.bool()[:, None, None, :]  # [B, 1, 1, T]
+    real = attention_mask.bool()  # [B, T]
+    if not causal:
+        return (real | ~real.any(-1, keepdim=True))[:, None, None, :]  # [B, 1, 1, T]
+    past = torch.ones(T, T, dtype=torch.bool, device=attention_mask.device).tril()  # [T, T]
     eye = torch.eye(T, dtype=torch.bool, device=attention_mask.device)
-    if causal:
-        keys = keys & torch.ones(T, T, dtype=torch.bool, device=attention_mask.device).tril()
-    return keys | eye
+    return (real[:, None, None, :] & past) | eye  # [B, 1, T, T]
 
 
 class Transformer(nn.Module):
@@ -285,7 +288,7 @@ class Transformer(nn.Module):
                              f"({self.args.sliding_window}), which is not implemented")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
-        mask = attention_mask_4d(attention_mask, causal)  # [B, 1, T, T]
+        mask = attention_mask_4d(attention_mask, causal)  # [B, 1, 1 or T, T]
         cos, sin = rope_cos_sin(self.args, T, input_ids.device)  # [T, hd] each, positions 0..T-1
         x = self.embed_tokens(input_ids)  # [B, T, D]
         for layer in self.layers:

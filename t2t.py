@@ -37,6 +37,7 @@ import targets as T
 ROOT = Path(__file__).resolve().parent
 DEFAULT_MODEL = ROOT / "data" / "models" / "stories260K"
 DEFAULT_DATA = ROOT / "data" / "wiki1m_sample" / "wiki1m_for_simcse.head11913.txt"
+STS_DEV = ROOT / "data" / "stsbenchmark" / "sts-dev.csv"  # for choosing steps; the test split stays unseen
 
 
 class TrainError(Exception):
@@ -95,12 +96,15 @@ def train_parser(p: argparse.ArgumentParser):
     a("--keep-last", type=int, default=3, help="checkpoints to keep")
     a("--skip-nonfinite", type=int, default=0, help="skip up to N batches with a non-finite loss or gradient")
     a("--log-every", type=int, default=10, help="optimizer steps between metric lines")
+    a("--eval-every", type=int, default=0, help="score --eval-data every N steps and at the end (0 = never)")
+    a("--eval-data", default=str(STS_DEV), help="STS file scored by --eval-every (cosine Spearman, logged)")
     a("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     a("--num-workers", type=int, default=0, help=argparse.SUPPRESS)
 
 
 # Flags that may differ between a run and its --resume (they do not change the result).
-RESUMABLE = {"resume", "save_every", "keep_last", "log_every", "skip_nonfinite", "preset", "device", "num_workers"}
+RESUMABLE = {"resume", "save_every", "keep_last", "log_every", "skip_nonfinite", "preset", "device", "num_workers",
+             "eval_every", "eval_data"}
 
 
 def apply_preset(args, argv):
@@ -545,6 +549,10 @@ def train(args, argv=()):
         metrics = dict(step=step, loss=float(loss_t), lr=lr, grad_norm=float(gnorm),
                        tokens_per_s=round(n_tok * world / dt, 1), target_entropy=round(ent_sum / args.grad_accum, 4),
                        elapsed_s=round(elapsed, 2))
+        if rank == 0 and args.eval_every and (step % args.eval_every == 0 or step == total):
+            import evaluate as E  # only when asked: the loop itself needs no evaluator
+            metrics["eval_spearman"] = round(E.evaluate_sts(emb, args.eval_data, batch_size=64)["cosine_spearman"], 6)
+            log(f"step {step}: {Path(args.eval_data).name} cosine Spearman {metrics['eval_spearman']:.4f}")
         if rank == 0:
             mfile.write(json.dumps(metrics) + "\n")
             mfile.flush()

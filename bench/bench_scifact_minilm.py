@@ -52,8 +52,8 @@ def main():
     scores = evaluate.evaluate_retrieval(encoder, "SciFact", similarity="cosine", batch_size=args.batch_size)
     total = time.time() - t0
     for key, ref in REFERENCE.items():
-        print(f"{key:<14} {scores[key]:.4f}  (MTEB {ref:.4f}, diff {scores[key] - ref:+.4f})")
-    print(f"{'mrr_at_10':<14} {scores['mrr_at_10']:.4f}")
+        print(f"{key:<14} {scores[key]:.5f}  (MTEB {ref:.4f}, diff {scores[key] - ref:+.5f})")
+    print(f"{'mrr_at_10':<14} {scores['mrr_at_10']:.5f}")
     print(f"time: {total:.1f}s total, {encoder.seconds:.1f}s encoding {encoder.texts} texts "
           f"({encoder.texts / encoder.seconds:.0f} texts/s), {total - encoder.seconds:.1f}s reading, search, "
           f"metrics; device {args.device}, {torch.get_num_threads()} torch threads")

