@@ -147,6 +147,16 @@ def read_json(path: Path) -> dict:
 # The transformer
 
 
+class Embedding(nn.Embedding):
+    """nn.Embedding that skips its random init on the meta device: torch's normal_ has no native
+    meta kernel, and its Python one imports sympy on first use (~1.3 s and ~80 MB per process,
+    BENCHMARKS.md). A model built on meta gets its weights assigned by load_weights anyway."""
+
+    def reset_parameters(self):
+        if not self.weight.is_meta:
+            super().reset_parameters()
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):
         super().__init__()
@@ -271,7 +281,7 @@ class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
+        self.embed_tokens = Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
@@ -542,7 +552,9 @@ class LoRALinear(nn.Linear):
         y = F.linear(x, self.weight, self.bias)
         if not self.lora_on:
             return y
-        return y + F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B) * self.scaling
+        # alpha/r scales the rank-r activations [.., r], not the [.., out] update: same sum, one
+        # elementwise pass over r instead of out columns (forward and backward)
+        return y + F.linear(F.linear(self.lora_dropout(x), self.lora_A) * self.scaling, self.lora_B)
 
 
 def _lora_modules(model):

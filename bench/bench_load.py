@@ -4,7 +4,9 @@
 
 Writes a random Llama (D=1024, 16 layers, V=32000: ~1.0 GB in fp32) with transformers'
 save_pretrained(max_shard_size=...) into a temporary folder, then loads it in a fresh subprocess
-per try: `model.load` (ours) or AutoModelForCausalLM.from_pretrained (transformers), fp32 on CPU.
+per try: `model.load` (ours), AutoModelForCausalLM.from_pretrained (transformers), and, to show what
+the meta-device build avoids, a naive load (a materialised model, then safetensors' load_file of
+each shard and load_state_dict: a copy), fp32 on CPU.
 Each child measures VmRSS after its imports (torch, safetensors, and transformers' Llama modeling
 code for its side), resets the peak (VmHWM, via /proc/self/clear_refs), loads, reads every weight
 once (both loaders may leave tensors memory-mapped and unread until a forward pass touches them),
@@ -53,6 +55,15 @@ def child(side, path):
     if side == "ours":
         import model as M
         load = lambda: M.load(path)[0]  # noqa: E731
+    elif side == "naive":  # what model.load avoids: a materialised model, then a copy of the file's tensors
+        import model as M
+        from safetensors.torch import load_file
+
+        def load():
+            m = M.Transformer(M.args_from_config(M.read_json(Path(path) / "config.json")))
+            for f in M.weight_files(path):
+                m.load_state_dict({M.hf_to_ours(k): v for k, v in load_file(str(f)).items()}, strict=False)
+            return m
     else:
         import transformers.models.llama.modeling_llama  # noqa: F401  (the code it will run)
         from transformers import AutoModelForCausalLM
@@ -85,9 +96,9 @@ def measure(side, path, threads):
 
 def compare(path, repeats, threads):
     """-> {side: [result per try]}, sides alternating."""
-    tries = {"ours": [], "theirs": []}
+    tries = {"ours": [], "theirs": [], "naive": []}
     for i in range(repeats):
-        for side in ("ours", "theirs") if i % 2 == 0 else ("theirs", "ours"):
+        for side in ("ours", "theirs", "naive") if i % 2 == 0 else ("naive", "theirs", "ours"):
             tries[side].append(measure(side, path, threads))
     return tries
 
@@ -99,7 +110,7 @@ def main():
     p.add_argument("--layers", type=int, default=16, help="decoder layers (16: ~1.0 GB in fp32)")
     p.add_argument("--shard-size", default="300MB", help="save_pretrained max_shard_size")
     p.add_argument("--no-write", action="store_true", help="do not append to BENCHMARKS.md")
-    p.add_argument("--child", choices=["ours", "theirs"], help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=["ours", "theirs", "naive"], help=argparse.SUPPRESS)
     p.add_argument("--ckpt", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -111,7 +122,8 @@ def main():
         tries = compare(path, args.repeats, args.threads)
     rows = []
     med = {}
-    for side, name in (("ours", "ours (model.load)"), ("theirs", "transformers from_pretrained")):
+    for side, name in (("ours", "ours (model.load)"), ("theirs", "transformers from_pretrained"),
+                       ("naive", "naive: nn.Module on CPU + load_file + load_state_dict")):
         t = tries[side]
         med[side] = {k: C.median([r[k] for r in t]) for k in ("seconds", "with_imports", "after_load", "peak", "after")}
         rows.append([name, f"{med[side]['seconds']:.2f}", f"{med[side]['with_imports']:.2f}",
