@@ -53,8 +53,10 @@ class TrainError(Exception):
 # (BENCHMARKS.md, "Demo"): 4 epochs of stage 1 beat 2; stage 2 hurts at every tau and lr tried,
 # least with tau 0.05 (the target's entropy closest to stage 1's), so that is what it runs.
 DEMO_PRESET = {
-    1: dict(lora_r=0, lr=1e-3, batch_size=64, epochs=4, max_length=128, precision="fp32", eval_every=100),
-    2: dict(lora_r=0, lr=1e-3, batch_size=64, epochs=1, max_length=128, precision="fp32", tau=0.05, eval_every=20),
+    1: dict(lora_r=0, lr=1e-3, batch_size=64, epochs=4, max_length=128, precision="fp32", eval_every=100,
+            log_every=50),
+    2: dict(lora_r=0, lr=1e-3, batch_size=64, epochs=1, max_length=128, precision="fp32", tau=0.05, eval_every=20,
+            log_every=20),
 }
 
 

@@ -95,17 +95,18 @@ def main():
     texts = C.scifact_texts(args.n)
     rows, results = [], {}
     with tempfile.TemporaryDirectory() as tmp:
-        models = {"random Llama (BENCH_LLAMA), Mistral tokenizer": random_llama_with_mistral_tokenizer(Path(tmp) / "llama"),
+        models = {"random Llama (BENCH_LLAMA), Mistral tokenizer":
+                  random_llama_with_mistral_tokenizer(Path(tmp) / "llama"),
                   "stories260K (control: no skew)": C.STORIES}
         for name, path in models.items():
             r = results[name] = compare(path, texts, args)
             rows.append([name, f"{r['ours']:.1f}", f"{r['naive']:.1f}", f"{r['ours'] / r['naive']:.2f}",
                          f"{r['cos_min']:.6f}", f"{r['max_abs']:.1e}", f"{r['tokens']} ({r['full']} at max)"])
-    main_ratio = next(iter(results.values()))
+    skewed = next(iter(results.values()))
+    ratio = skewed["ours"] / skewed["naive"]
     notes = [f"{args.n} SciFact documents, batch {args.batch_size}, max length {args.max_length}, fp32, "
              f"median of {args.repeats} runs per side (alternating, after one warm-up each).",
-             f"Target: >= 1.5x on the skewed corpus: {'met' if main_ratio['ours'] >= 1.5 * main_ratio['naive'] else 'NOT met'} "
-             f"({main_ratio['ours'] / main_ratio['naive']:.2f}x)."]
+             f"Target: >= 1.5x on the skewed corpus: {'met' if ratio >= 1.5 else 'NOT met'} ({ratio:.2f}x)."]
     C.report("Encoding throughput (CPU)", ["model", "ours texts/s", "naive texts/s", "ratio", "min cosine",
                                            "max abs diff", "tokens (texts at max length)"], rows, notes,
              write=not args.no_write)

@@ -123,6 +123,8 @@ def check_agreement(ours, theirs, ids, mask, target):
     for name, lora in theirs.wrapped.items():
         for a in ("A", "B"):
             g = getattr(lora, f"lora_{a}").weight.grad
+            if not g.abs().max() > 0:
+                raise RuntimeError(f"{name}.lora_{a}: zero gradient, the agreement check would be vacuous")
             worst = max(worst, float((g - g_ours[f"{name}.lora_{a}"]).abs().max() / g.abs().max().clamp(min=1e-12)))
     ours.opt.zero_grad(set_to_none=True), theirs.opt.zero_grad(set_to_none=True)
     ours.model.train(), theirs.model.train()

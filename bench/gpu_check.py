@@ -68,14 +68,14 @@ QWEN05 = dict(model_type="qwen2", vocab_size=151936, hidden_size=896, intermedia
               num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768, rms_norm_eps=1e-6,
               rope_theta=1000000.0, hidden_act="silu", tie_word_embeddings=True, use_sliding_window=False,
               sliding_window=32768, bos_token_id=151643, eos_token_id=151643)
-LLAMA8B = json.loads((C.ROOT / "tests" / "fixtures" / "configs" / "Meta-Llama-3-8B-Instruct" / "config.json").read_text())
+LLAMA8B = json.loads((C.ROOT / "tests/fixtures/configs/Meta-Llama-3-8B-Instruct/config.json").read_text())
 PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}  # dense, SXM datasheets
 R, ALPHA, DROPOUT, K_TARGET = 16, 32, 0.05, 64
 GB = 1e9
 
 
-class SectionTimeout(Exception):
-    pass
+class SectionTimeout(BaseException):
+    """Not an Exception: the per-configuration `except Exception` below must let it through."""
 
 
 class Check:
@@ -113,8 +113,8 @@ class Check:
         """Rewritten after every section, so a killed run still leaves what it measured."""
         (self.out / "results.json").write_text(json.dumps(self.results, indent=2, default=str))
         table = C.format_table(["check", "setting", "ours", "transformers", "ours/transformers"], self.rows)
-        head = (f"gpu_check {'--dry-run ' if self.dry else ''}on {device_name(self.device)}, torch {torch.__version__}, "
-                f"{time.time() - self.t0:.0f} s\n\n")
+        head = (f"gpu_check {'--dry-run ' if self.dry else ''}on {device_name(self.device)}, "
+                f"torch {torch.__version__}, {time.time() - self.t0:.0f} s\n\n")
         (self.out / "summary.md").write_text(head + table + "\n" + "".join(f"\n- {n}" for n in self.notes) + "\n")
         return head + table
 
@@ -230,6 +230,7 @@ def build_hf(cfg, device, dtype, ours=None):
     C.quiet_transformers()
     with torch.device(device):
         hf = AutoModelForCausalLM.from_config(hf_config(cfg), dtype=dtype, attn_implementation="sdpa")
+    hf.to(device)  # a no-op where the device context was honoured
     if ours is not None:
         state = {("" if k == "lm_head.weight" else "model.") + k: v for k, v in ours.state_dict().items()}
         hf.load_state_dict(state, strict=True)
@@ -348,20 +349,25 @@ def train_pair(check, name, cfg, ckpt_settings, hf_ckpt_settings):
             except torch.cuda.OutOfMemoryError as e:
                 out[key] = dict(error=f"OOM: {str(e)[:300]}")
                 check.log(f"{name} {key}: out of GPU memory")
+            except Exception as e:  # one broken configuration must not hide the others
+                out[key] = dict(error=f"ERR: {type(e).__name__}: {str(e)[:300]}")
+                check.log(f"{name} {key}: FAILED: {type(e).__name__}: {e}\n{traceback.format_exc()}")
+                check.notes.append(f"{name} {key}: FAILED ({type(e).__name__}: {str(e)[:200]}), see gpu_check.log")
             finally:
                 model = params = loss_fn = None
                 free_memory()
             check.save()
     for grad_ckpt in sorted(set(ckpt_settings) | set(hf_ckpt_settings)):
-        o, t = out.get(f"ours ckpt {'on' if grad_ckpt else 'off'}"), out.get(f"transformers ckpt {'on' if grad_ckpt else 'off'}")
-        setting = f"{name}, ckpt {'on' if grad_ckpt else 'off'}"
+        on = "on" if grad_ckpt else "off"
+        o, t = out.get(f"ours ckpt {on}"), out.get(f"transformers ckpt {on}")
+        setting = f"{name}, ckpt {on}"
         for metric, label, fmt in (("tokens_per_s", "train tokens/s", "{:.0f}"), ("mfu", "train MFU", "{:.1%}"),
                                    ("peak_gb", "train peak GB", "{:.2f}")):
             def val(r):
                 if r is None:
                     return "-"
                 if "error" in r:
-                    return r["error"][:3]
+                    return r["error"].split(":")[0]  # OOM or ERR
                 return "n/a" if r[metric] is None or math.isnan(r[metric]) else fmt.format(r[metric])
             ratio = ""
             if val(o)[0].isdigit() and val(t)[0].isdigit():
@@ -439,7 +445,8 @@ def section_encode(check):
     check.log(f"encode: ours {res['ours']:.1f} texts/s, naive {res['naive']:.1f} texts/s, "
               f"min cosine ours vs transformers {res['min_cosine']:.5f}")
     setting = f"{'Qwen2.5-0.5B' if not check.dry else 'tiny'} bf16, {len(texts)} SciFact docs, batch {batch}"
-    check.row("encode texts/s", setting, f"{res['ours']:.1f}", f"{res['naive']:.1f}", f"{res['ours'] / res['naive']:.2f}")
+    check.row("encode texts/s", setting, f"{res['ours']:.1f}", f"{res['naive']:.1f}",
+              f"{res['ours'] / res['naive']:.2f}")
     check.row("encode agreement", "min cosine ours vs transformers (bf16)", f"{res['min_cosine']:.5f}")
 
 
@@ -468,7 +475,8 @@ def section_agreement(check):
     for name, r in out.items():
         ok = "pass" if r["min"] >= 0.999 else "FAIL"
         check.log(f"bf16 vs fp32, {name}: min cosine {r['min']:.6f}, mean {r['mean']:.6f} ({ok}: >= 0.999)")
-        check.row("bf16 vs fp32 cosine", f"{name}{' (tiny)' if check.dry and 'Qwen' in name else ''}, {len(texts)} texts",
+        tiny = " (tiny)" if check.dry and "Qwen" in name else ""
+        check.row("bf16 vs fp32 cosine", f"{name}{tiny}, {len(texts)} texts",
                   f"min {r['min']:.5f} mean {r['mean']:.5f} ({ok})")
 
 
@@ -479,8 +487,8 @@ def section_tests(check):
         check.notes.append("tests: pytest is not installed here; the CUDA tests were not run")
         check.row("CUDA tests", "skipped: no pytest")
         return
-    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", "--continue-on-collection-errors",
-           "tests/"]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider",
+           "--continue-on-collection-errors", "tests/"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     limit = max(10, min(140, check.left() - 5))  # inside the section's 150 s time box
     check.log(f"running {' '.join(cmd)} (limit {limit:.0f} s)")
