@@ -667,7 +667,7 @@ def cmd_inspect(args):
         p, ids, hits = top_tokens(emb, args.texts, args.top)
         for text, pr, row, hit in zip(args.texts, p, ids, hits):
             print(f"{text[:80]!r}  hit@{args.top}={int(hit > 0)} overlap@{args.top}={hit:.1f}")
-            print("   " + "  ".join(f"{emb.tokenizer.decode([i])!r} {q:.3f}" for i, q in zip(row.tolist(), pr.tolist())))
+            print("   " + "  ".join(f"{emb.tokenizer.decode([i])!r} {q:.3g}" for i, q in zip(row.tolist(), pr.tolist())))
     if args.corpus:
         texts = read_texts(args.corpus)[: args.n]
         hits = []
