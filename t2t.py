@@ -462,7 +462,8 @@ def train(args, argv=()):
     tokenized = tok.encode_with_prompt(texts, emb.prompt, args.max_length)  # [(ids, text mask)] per text
 
     # --- optimizer, schedule, scaler, resume
-    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=args.weight_decay)
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=args.weight_decay,
+                            fused=device.type == "cuda")  # one kernel for all tensors: small models are launch-bound
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, args.warmup_steps, args.schedule))
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
     step, position = 0, 0
