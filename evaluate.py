@@ -6,7 +6,7 @@ with MTEB's keys and semantics (pytrec_eval/trec_eval for ndcg/map/recall/precis
 MTEB's own code for mrr; scipy's Pearson/Spearman for STS); exact search; a TF-IDF bag-of-words
 reference row; the MTEB v2 result writer; an adapter that lets `mteb.evaluate` run our embedder;
 and the command line (`python evaluate.py` scores the bundled model and the demo runs).
-The spec is docs/EVALUATION.md. Any object with `encode(texts, batch_size) -> [n, d] float32`
+README.md, "Evaluation", states the protocol. Any object with `encode(texts, batch_size) -> [n, d] float32`
 can be scored: our `model.Embedder`, or a sentence-transformers model.
 
 Dimensions: n texts, d embedding size, nq queries, nd documents.

@@ -2,7 +2,7 @@
 
 Follows Hugging Face's modeling_llama.py / modeling_mistral.py / modeling_qwen2.py /
 modeling_qwen3.py (the forward pass is tested against them) and the "Model" section of
-METHOD.md (Text2Token, arXiv 2510.10224): the embedding of a text is the last layer's hidden
+the method (README.md, "The method"; Text2Token, arXiv 2510.10224): the embedding of a text is the last layer's hidden
 states after the final RMSNorm, mean-pooled (or the last token), with causal or bidirectional
 attention; lm_head(h) is its view in token space.
 
@@ -309,7 +309,7 @@ class Transformer(nn.Module):
         return self.norm(x)
 
     def token_logits(self, h):
-        """h [B, D] -> logits [B, V] over the vocabulary, in fp32 (METHOD.md: z(x) = lm_head(h))."""
+        """h [B, D] -> logits [B, V] over the vocabulary, in fp32 (the paper's token-space view z(x) = lm_head(h))."""
         with torch.autocast(h.device.type, enabled=False):
             return F.linear(h.float(), self.lm_head.weight.float())
 

@@ -1,6 +1,6 @@
 """Text2Token training and tools: `python t2t.py train|targets|inspect|export`.
 
-Implements the two-stage recipe of METHOD.md (Text2Token, arXiv 2510.10224): stage 1 trains a
+Implements the two-stage recipe (README.md, "The method") (Text2Token, arXiv 2510.10224): stage 1 trains a
 LoRA so that lm_head(h(x)) predicts the text's own meaningful tokens (data-driven targets);
 stage 2 merges it, keeps the merged model as a frozen teacher (the student with its new adapter
 switched off) and trains a fresh LoRA towards the teacher's model-derived targets. The loss is
@@ -18,7 +18,6 @@ import argparse
 import copy
 import datetime
 import json
-import math
 import os
 import random
 import shutil
@@ -45,7 +44,7 @@ class TrainError(Exception):
 
 
 # -----------------------------------------------------------------------------
-# Command line. Defaults are the paper's (METHOD.md, "Training setup"); the demo preset is
+# Command line. Defaults are the paper's (README.md, "The method"); the demo preset is
 # CPU-sized and printed at start.
 
 # The CPU demo: full fine-tuning of the 260K-parameter model (a LoRA on a model this small has
@@ -101,12 +100,11 @@ def train_parser(p: argparse.ArgumentParser):
     a("--eval-every", type=int, default=0, help="score --eval-data every N steps and at the end (0 = never)")
     a("--eval-data", default=str(STS_DEV), help="STS file scored by --eval-every (cosine Spearman, logged)")
     a("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    a("--num-workers", type=int, default=0, help=argparse.SUPPRESS)
 
 
 # Flags that may differ between a run and its --resume (they do not change the result).
-RESUMABLE = {"resume", "save_every", "keep_last", "log_every", "skip_nonfinite", "preset", "device", "num_workers",
-             "eval_every", "eval_data"}
+RESUMABLE = {"resume", "save_every", "keep_last", "log_every", "skip_nonfinite", "preset", "device", "eval_every",
+             "eval_data"}
 
 
 def apply_preset(args, argv):
@@ -652,8 +650,8 @@ def cmd_export(args):
 
 @torch.no_grad()
 def top_tokens(emb, texts, k=10):
-    """The paper's token-alignment view: top-k of softmax(lm_head(h(x))) and hit@k, i.e. whether
-    any of those tokens occurs among the input's token ids."""
+    """The paper's token-alignment view: top-k of softmax(lm_head(h(x))), and per text the share
+    of those k tokens that occur among the input's token ids (hit@k is that share > 0)."""
     probs = emb.model.token_logits(emb.embed(texts)).softmax(-1)  # [B, V]
     p, ids = probs.topk(k, dim=-1)  # [B, k]
     inputs = emb.tokenizer.encode(texts, add_special_tokens=False, max_length=emb.max_length)

@@ -1,6 +1,6 @@
 """Target distributions q(x) over the vocabulary, the KL loss against them, and their storage.
 
-Follows METHOD.md, sections "Stage 1" (data-driven targets: the text's own key tokens), "Stage 2"
+Follows README.md, "The method": "Stage 1" (data-driven targets: the text's own key tokens), "Stage 2"
 (model-derived targets: tokens likely for this text relative to the corpus average) and "Loss"
 (KL(q || softmax(z)), batch mean, fp32), reconstructed from Text2Token (arXiv 2510.10224) and the
 authors' research code. Pure functions of texts, token ids and logits, plus the drivers that run

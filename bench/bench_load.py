@@ -12,7 +12,7 @@ code for its side), resets the peak (VmHWM, via /proc/self/clear_refs), loads, r
 once (both loaders may leave tensors memory-mapped and unread until a forward pass touches them),
 and reports RSS right after loading, the peak above the baseline, and the RSS at the end. Sides
 alternate; medians of the tries.
-The DESIGN.md target: peak above the baseline <= 1.3x the checkpoint's size (one copy of the
+The target: peak above the baseline <= 1.3x the checkpoint's size (one copy of the
 weights, no second one held while loading).
 
 Dimensions: D hidden, V vocabulary.

@@ -2,7 +2,7 @@
 
     python bench/bench_train_step.py [--threads 1] [--repeats 10] [--batch 8] [--tokens 128] [--profile]
 
-The step is the paper's (METHOD.md "Loss"): bidirectional forward, mean pooling, the pooled
+The step is the paper's (README.md, "The method"): bidirectional forward, mean pooling, the pooled
 vector's logits through lm_head in fp32, KL against a sparse uniform target (k ids), backward,
 clip, AdamW step; LoRA r=16 alpha=32 dropout 0.05 on the 7 projections. Both sides load the
 same random checkpoint (written with transformers' save_pretrained), get the same inputs and

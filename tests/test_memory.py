@@ -1,4 +1,4 @@
-"""The memory plan of DESIGN.md, checked in code: the stage-2 teacher is the student with its LoRA
+"""The memory plan (BENCHMARKS.md), checked in code: the stage-2 teacher is the student with its LoRA
 off (no second copy of the weights), no [B, T, V] tensor is ever made in a training step (only the
 pooled [B, V] logits), and loading holds one copy of the weights (meta-device build), measured as
 peak resident memory in a subprocess.

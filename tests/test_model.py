@@ -38,7 +38,7 @@ GRAD_TOL = 1e-6  # gradient checkpointing vs plain backward
 # llama2.c, doc/stories260K.md: the sample from greedy decoding of stories260K starting at BOS
 PUBLISHED_SAMPLE = ("Once upon a time, there was a little girl named Lily. She loved to play outside in the "
                     "park. One day, she saw a big, red ball. She wanted to play with it, but it was too high.")
-# Jiang et al. 2023 (PromptEOL), as METHOD.md gives it
+# Jiang et al. 2023 (PromptEOL), as the paper's last-token setting uses it
 PROMPT_EOL = 'This sentence : "{text}" means in one word:"'
 
 

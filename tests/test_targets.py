@@ -1,4 +1,4 @@
-"""targets.py against hand-worked examples and direct formulas (METHOD.md: Stage 1, Stage 2, Loss).
+"""targets.py against hand-worked examples and direct formulas (README.md, "The method": stage 1, stage 2, loss).
 
 Token ids of the bundled stories260K tokenizer (512-piece Llama SentencePiece-style BPE with byte
 fallback) are looked up by piece name in the `tokenizers` library, never copied from our output.
@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors.torch import save_file
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models, pre_tokenizers, processors
