@@ -310,8 +310,7 @@ def prepare_out(args):
             raise TrainError(f"--resume: flags differ from the run in {out}: {detail}")
     elif out.exists() and any(out.iterdir()):
         raise TrainError(f"--out {out} exists and is not empty (use --resume to continue it, or another --out)")
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+    return out  # created once the model and data have loaded, so a bad flag leaves nothing behind
 
 
 # -----------------------------------------------------------------------------
@@ -448,6 +447,10 @@ def train(args, argv=()):
         texts, tgt_ids, tgt_w = stage1_targets(args, texts, tok, log)
     else:
         tgt_ids = tgt_w = None  # stage 2 on the fly from the teacher
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    if world > 1:
+        dist.barrier()
     if args.stage == 2 and tgt_ids is None:
         t_emb = M.Embedder(teacher or model, tok, emb.pooling, causal, args.max_length, emb.prompt)
         with M.lora_enabled(model, False):

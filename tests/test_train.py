@@ -287,6 +287,7 @@ def test_bad_data_names_file_and_line(tmp_path):
     bad.write_text('{"text": "fine"}\n{"txt": "oops"}\n')
     r = run_train(["--data", bad, "--out", tmp_path / "r"])
     assert r.returncode == 2 and f"{bad}:2" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "r").exists()  # a failed start leaves no half-made run behind
     r = run_train(["--stage", "2", "--data", corpus(tmp_path, 8), "--out", tmp_path / "r2"])
     assert r.returncode == 2 and "--init" in r.stderr
 
