@@ -358,9 +358,13 @@ def hf_to_ours(key: str) -> str:
     return key.removeprefix("model.")
 
 
+def ours_to_hf(key: str) -> str:
+    return key if key == "lm_head.weight" else "model." + key
+
+
 def load_weights(model: Transformer, files, device, dtype):
     """Strict copy of the checkpoint tensors into a model built on the meta device."""
-    expected = {k: v for k, v in model.state_dict().items()}
+    expected = dict(model.state_dict())
     if model.args.tie_embeddings:
         expected.pop("lm_head.weight", None)
     state = {}
@@ -380,7 +384,7 @@ def load_weights(model: Transformer, files, device, dtype):
                 state[ours] = t.to(dtype)
     missing = sorted(set(expected) - set(state))
     if missing:
-        raise ModelError(f"{files[0].parent}: missing tensor(s) {', '.join('model.' + m if m != 'lm_head.weight' else m for m in missing[:5])}"
+        raise ModelError(f"{files[0].parent}: missing tensor(s) {', '.join(ours_to_hf(k) for k in missing[:5])}"
                          + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
     model.load_state_dict(state, strict=not model.args.tie_embeddings, assign=True)
     if model.args.tie_embeddings:
@@ -434,9 +438,9 @@ class Tokenizer:
 
     def __init__(self, tok: HFTokenizer, config: dict, where: str = "tokenizer"):
         self.tok = tok
+        self.where = where  # the tokenizer.json, named in errors
         self.tok.no_truncation()
         self.tok.no_padding()
-        self.where = where
         self.bos_id = self._token_id(config.get("bos_token"))
         self.eos_id = self._token_id(config.get("eos_token"))
         if "add_bos_token" in config or "add_eos_token" in config:
@@ -502,7 +506,8 @@ class Tokenizer:
                 keep = sum(mask) - (len(ids) - max_length)  # text tokens that fit
                 while len(ids) > max_length:
                     if keep <= 0:
-                        raise ModelError(f"prompt {prompt!r} alone needs more than max_length={max_length} tokens")
+                        raise ModelError(f"prompt {prompt!r} alone needs more than max_length={max_length} tokens "
+                                         f"with {self.where}")
                     ids, mask = self._prompted(prompt, text[: ends[keep - 1]])
                     keep -= 1
             out.append((ids, mask))
@@ -765,7 +770,7 @@ def save_hf(model: Transformer, base_dir, out_dir, settings: dict, dtype=None, m
     the embedding settings in text2token.json. Every file goes through a temporary name."""
     base_dir, out_dir = Path(base_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    state = {("" if k == "lm_head.weight" else "model.") + k: v for k, v in model.state_dict().items()}
+    state = {ours_to_hf(k): v for k, v in model.state_dict().items()}
     if model.args.tie_embeddings:
         state.pop("lm_head.weight")
     state = {k: (v.to(dtype) if dtype else v).detach().contiguous().cpu() for k, v in state.items()}
@@ -780,23 +785,26 @@ def save_hf(model: Transformer, base_dir, out_dir, settings: dict, dtype=None, m
     names = ["model.safetensors"] if len(shards) == 1 else [
         f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     for name, keys in zip(names, shards):
-        _atomic(out_dir / name, lambda tmp: save_file({k: state[k] for k in keys}, str(tmp), metadata={"format": "pt"}))
+        write_atomic(out_dir / name, lambda tmp: save_file({k: state[k] for k in keys}, str(tmp), metadata={"format": "pt"}))
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in state.values())},
                  "weight_map": {k: n for n, keys in zip(names, shards) for k in keys}}
-        _atomic(out_dir / "model.safetensors.index.json", lambda tmp: tmp.write_text(json.dumps(index, indent=2)))
+        write_atomic(out_dir / "model.safetensors.index.json", lambda tmp: tmp.write_text(json.dumps(index, indent=2)))
     config = read_json(base_dir / "config.json")
     first = next(iter(state.values()))
     config["torch_dtype"] = str(first.dtype).removeprefix("torch.")
-    _atomic(out_dir / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2)))
+    write_atomic(out_dir / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2)))
     for name in TOKENIZER_FILES:
         if (base_dir / name).is_file():
-            _atomic(out_dir / name, lambda tmp: tmp.write_bytes((base_dir / name).read_bytes()))
-    _atomic(out_dir / SETTINGS_FILE, lambda tmp: tmp.write_text(json.dumps(settings, indent=2)))
+            write_atomic(out_dir / name, lambda tmp: tmp.write_bytes((base_dir / name).read_bytes()))
+    write_atomic(out_dir / SETTINGS_FILE, lambda tmp: tmp.write_text(json.dumps(settings, indent=2)))
     return out_dir
 
 
-def _atomic(path: Path, write):
+def write_atomic(path, write):
+    """Call write(tmp) on a temporary name beside `path`, then rename: a kill mid-write never
+    leaves a file at `path` that looks complete."""
+    path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
     tmp.replace(path)

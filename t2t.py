@@ -221,23 +221,14 @@ def git_commit():
         return None
 
 
-def write_text_atomic(path, text):
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_json_atomic(path, obj):
-    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
+    M.write_atomic(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
 
 
 def save_weights_atomic(tensors: dict, path):
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
     from safetensors.torch import save_file
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
+    cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    M.write_atomic(path, lambda tmp: save_file(cpu, str(tmp)))
 
 
 def trainable_state(model, lora: bool) -> dict:
@@ -280,7 +271,8 @@ def save_checkpoint(out: Path, step, model, lora, opt, sched, scaler, position, 
     return final
 
 
-def load_checkpoint(ckpt: Path, model, lora, opt, sched, scaler):
+def restore_checkpoint(ckpt: Path, model, lora, opt, sched, scaler):
+    """Put weights, optimizer, schedule, scaler and RNG states back; -> (step, data position)."""
     from safetensors.torch import load_file
     weights = load_file(str(ckpt / weights_name(lora)))
     model.load_state_dict(weights, strict=False)  # only the trainable tensors are saved
@@ -474,17 +466,17 @@ def train(args, argv=()):
         "base_model_given": args.model, "init": str(Path(args.init).resolve()) if args.init else None,
         "model_args": M.args_dict(model.args), "precision": precision, "world_size": world,
         "lora": dict(r=args.lora_r, alpha=args.lora_alpha, targets=args.lora_targets.split(",")) if lora else None,
-        "embedding": emb.settings() | {"max_length": args.max_length}, "n_texts": len(texts), "total_steps": total,
+        "embedding": emb.settings(), "n_texts": len(texts), "total_steps": total,
     }
     if args.resume:
         ckpts = list_checkpoints(out)
         if ckpts:
-            step, position = load_checkpoint(ckpts[-1], model, lora, opt, sched, scaler)
+            step, position = restore_checkpoint(ckpts[-1], model, lora, opt, sched, scaler)
             log(f"resumed from {ckpts[-1]} (step {step})")
             if rank == 0:  # drop the metric lines logged after that checkpoint: they are redone
                 lines = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").is_file() else []
                 kept = [l for l in lines if json.loads(l)["step"] <= step]
-                write_text_atomic(out / "metrics.jsonl", "".join(l + "\n" for l in kept))
+                M.write_atomic(out / "metrics.jsonl", lambda tmp: tmp.write_text("".join(l + "\n" for l in kept)))
         else:
             log(f"--resume: no checkpoint in {out}, starting at step 0")
     if rank == 0:
