@@ -64,7 +64,7 @@ def train_parser(p: argparse.ArgumentParser):
     a("--preset", choices=["demo"], default=None, help="CPU demo values; explicit flags override them")
     a("--stage", type=int, choices=[1, 2], default=1, help="1: data-driven targets, 2: model-derived targets")
     a("--init", default=None, help="stage 2: the stage-1 run directory to merge and use as teacher")
-    a("--model", default=str(DEFAULT_MODEL), help="HF checkpoint folder (or run directory) to start from")
+    a("--model", default=str(DEFAULT_MODEL), help="HF checkpoint folder, GGUF file, model name (smollm2) or run directory to start from")
     a("--data", default=str(DEFAULT_DATA), help="training texts: .txt (one a line) or .jsonl with a 'text' field")
     a("--out", default=None, help="run directory to create (must not exist or be empty, unless --resume)")
     a("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
@@ -74,6 +74,8 @@ def train_parser(p: argparse.ArgumentParser):
     a("--max-length", type=int, default=128, help="tokens the model sees per text, BOS and prompt included")
     a("--batch-size", type=int, default=32, help="texts per device per micro-batch")
     a("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    a("--group-by-length", type=int, default=50, metavar="N",
+      help="batches of similar token count, sorted within mega-batches of N batches (0 = random batches)")
     a("--lr", type=float, default=5e-5, help="peak learning rate")
     a("--schedule", choices=["linear", "constant"], default="linear", help="decay after warmup")
     a("--warmup-steps", type=int, default=0, help="optimizer steps of linear warmup")
@@ -86,7 +88,7 @@ def train_parser(p: argparse.ArgumentParser):
     a("--lora-dropout", type=float, default=0.05)
     a("--lora-targets", default=",".join(M.DEFAULT_LORA_TARGETS), help="comma-separated HF module names")
     a("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
-      help="auto: bf16 autocast on CUDA, fp32 on CPU")
+      help="auto: bf16 autocast on CUDA, fp32 on CPU; bf16 also runs on CPU (fast where the CPU has bf16 units)")
     a("--grad-checkpointing", action="store_true", help="recompute each layer in backward (saves memory)")
     a("--tau", type=float, default=1e-4, help="stage 2: temperature of the model-derived target")
     a("--background-samples", type=int, default=None, help="stage 2: texts in the background pass (default all)")
@@ -123,27 +125,33 @@ def apply_preset(args, argv):
 
 
 def read_texts(path) -> list[str]:
-    """Texts from a .txt file (one a line) or .jsonl (a 'text' string a line). Blank lines are
-    counted and reported, never silently dropped."""
+    """Texts from a .txt file (one a line, as written) or .jsonl (a 'text' string a line). Lines
+    follow evaluate.text_lines: a BOM is dropped, CRLF is a line end, a lone "\\r" or U+2028 is
+    text, a NUL byte or bytes that are not UTF-8 are an error naming the line, and a line of any
+    length is one text (tokenization truncates it to --max-length). JSON escapes, "\\u0000"
+    included, are the writer's choice and kept. Blank (whitespace-only) lines are counted and
+    reported, never silently dropped."""
+    from evaluate import text_lines  # one set of line rules for every reader (evaluate.py needs only numpy)
     path = Path(path)
     if not path.is_file():
         raise TrainError(f"{path}: file not found")
     texts, blank = [], 0
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                blank += 1
-                continue
-            if path.suffix == ".jsonl":
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise TrainError(f"{path}:{n}: invalid JSON: {e.msg}") from None
-                if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                    raise TrainError(f"{path}:{n}: expected an object with a string field 'text'")
-                texts.append(obj["text"])
-            else:
-                texts.append(line.rstrip("\n"))
+    for n, line in text_lines(path, TrainError):
+        if not line.strip():
+            blank += 1
+            continue
+        if path.suffix == ".jsonl":
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise TrainError(f"{path}:{n}: invalid JSON: {e.msg}") from None
+            except (ValueError, RecursionError) as e:  # json's int-size limit, nesting too deep
+                raise TrainError(f"{path}:{n}: invalid JSON: {e}") from None
+            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                raise TrainError(f"{path}:{n}: expected an object with a string field 'text'")
+            texts.append(obj["text"])
+        else:
+            texts.append(line)
     if blank:
         print(f"{path}: {blank} blank line(s) ignored")
     if not texts:
@@ -158,13 +166,45 @@ def epoch_order(n, epoch, seed):
     return torch.randperm(n, generator=g).tolist()
 
 
-def micro_batch(n, position, global_batch, seed, rank, world):
-    """Indices of this rank's part of global micro-batch number `position` (incomplete batches at
-    an epoch's end are dropped, so every rank has the same batch size)."""
-    per_epoch = n // global_batch
-    epoch, i = divmod(position, per_epoch)
-    idx = epoch_order(n, epoch, seed)[i * global_batch: (i + 1) * global_batch]
-    return idx[rank::world]
+def epoch_batches(n, epoch, global_batch, seed, lengths=None, group=50):
+    """The global batches of one epoch (lists of text indices), a pure function of the arguments.
+
+    lengths None: the shuffled order cut into batches. Otherwise length-grouped (as
+    transformers' LengthGroupedSampler): the shuffled order is cut into mega-batches of `group`
+    batches, each sorted by token count and cut into batches, and the batch order is shuffled;
+    the batch with the most tokens goes first, so that running out of memory happens at step 1.
+    Batches then hold texts of similar length: far less padding, the same texts per epoch.
+    The incomplete batch at an epoch's end is dropped, so every rank has the same batch size."""
+    order = epoch_order(n, epoch, seed)[: n // global_batch * global_batch]
+    if lengths is None:
+        return [order[i: i + global_batch] for i in range(0, len(order), global_batch)]
+    batches, mega = [], global_batch * group
+    for start in range(0, len(order), mega):
+        chunk = sorted(order[start: start + mega], key=lambda i: -lengths[i])  # stable: ties stay shuffled
+        batches += [chunk[i: i + global_batch] for i in range(0, len(chunk), global_batch)]
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch + 1)
+    batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+    longest = max(range(len(batches)), key=lambda b: max(lengths[i] for i in batches[b]) * len(batches[b]))
+    batches[0], batches[longest] = batches[longest], batches[0]
+    return batches
+
+
+class BatchPlan:
+    """Global micro-batch number `position` (counted from the start of training, across epochs)
+    -> this rank's text indices. The same for every rank and after a resume; each rank takes
+    every world-th text of the global batch (with grouping, ranks see similar lengths)."""
+
+    def __init__(self, n, global_batch, seed, lengths=None, group=50):
+        self.n, self.global_batch, self.seed, self.lengths, self.group = n, global_batch, seed, lengths, group
+        self.per_epoch = n // global_batch
+        self._epoch, self._batches = None, None
+
+    def __call__(self, position, rank=0, world=1):
+        epoch, i = divmod(position, self.per_epoch)
+        if epoch != self._epoch:  # one epoch's batches at a time
+            self._epoch = epoch
+            self._batches = epoch_batches(self.n, epoch, self.global_batch, self.seed, self.lengths, self.group)
+        return self._batches[i][rank::world]
 
 
 # -----------------------------------------------------------------------------
@@ -294,7 +334,7 @@ def prepare_out(args):
     if args.resume:
         if not (out / "meta.json").is_file():
             raise TrainError(f"--resume: {out} holds no run (no meta.json)")
-        old = M.read_json(out / "meta.json")["args"]
+        old = M.read_run_meta(out).get("args", {})
         now = vars(args)
         diff = [k for k in now if k not in RESUMABLE and old.get(k) != now[k]]
         if diff:
@@ -312,8 +352,8 @@ def prepare_out(args):
 def resolve_precision(precision, device):
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
-    if precision in ("bf16", "fp16") and device.type != "cuda":
-        raise TrainError(f"--precision {precision} needs a CUDA device (this run is on {device}); use fp32")
+    if precision == "fp16" and device.type != "cuda":
+        raise TrainError(f"--precision fp16 needs a CUDA device (this run is on {device}); use bf16 or fp32")
     return precision
 
 
@@ -383,9 +423,12 @@ def background(args, out, embedder, texts, rank, world, log):
     """theta = mean teacher logits over the corpus, computed once and cached in the run dir."""
     cache = out / "background.safetensors"
     if cache.is_file():
-        from safetensors.torch import load_file
         log(f"stage 2: background read from {cache}")
-        return load_file(str(cache))["logits"].to(embedder.device)
+        theta = dict(M.read_tensors(cache)).get("logits")
+        if theta is None or tuple(theta.shape) != (embedder.model.args.vocab_size,):
+            raise TrainError(f"{cache}: expected one tensor 'logits' of shape [{embedder.model.args.vocab_size}] "
+                             "(delete the file to recompute it)")
+        return M.checked_weight(theta, torch.float32, f"{cache}: tensor 'logits'").to(embedder.device)
     sample = texts[: args.background_samples] if args.background_samples else texts
     t0 = time.time()
     shard = sample[rank::world]
@@ -429,6 +472,10 @@ def train(args, argv=()):
         tgt_ids, tgt_w, header = T.load_targets(args.targets)
         if len(tgt_ids) != len(texts):
             raise TrainError(f"{args.targets}: {len(tgt_ids)} target rows for {len(texts)} texts in {args.data}")
+        top = int(tgt_ids.max()) if tgt_ids.numel() else -1
+        if top >= model.args.vocab_size:
+            raise TrainError(f"{args.targets}: token id {top} is outside the model's vocabulary "
+                             f"({model.args.vocab_size} ids)")
         keep = (tgt_ids >= 0).any(1)  # texts without any target token are skipped, and counted
         if not keep.all():
             log(f"targets: {int((~keep).sum())} of {len(texts)} texts have an empty target and are skipped")
@@ -453,6 +500,8 @@ def train(args, argv=()):
         raise TrainError(f"{args.data}: {len(texts)} texts are fewer than one global batch ({global_batch})")
     total = args.max_steps or max(1, int(args.epochs * per_epoch / args.grad_accum))
     tokenized = tok.encode_with_prompt(texts, emb.prompt, args.max_length)  # [(ids, text mask)] per text
+    lengths = [len(ids) for ids, _ in tokenized] if args.group_by_length else None
+    plan = BatchPlan(len(texts), global_batch, args.seed, lengths, args.group_by_length)
 
     # --- optimizer, schedule, scaler, resume
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=args.weight_decay,
@@ -461,8 +510,9 @@ def train(args, argv=()):
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
     step, position = 0, 0
     meta = {
-        "stage": args.stage, "args": vars(args), "seed": args.seed, "git_commit": git_commit(),
-        "base_model": str(Path(args.model).resolve()) if args.stage == 1 else M.read_json(Path(args.init) / "meta.json")["base_model"],
+        "format_version": M.RUN_FORMAT, "stage": args.stage, "args": vars(args), "seed": args.seed,
+        "git_commit": git_commit(),
+        "base_model": str(Path(args.model).resolve()) if args.stage == 1 else M.read_run_meta(args.init)["base_model"],
         "base_model_given": args.model, "init": str(Path(args.init).resolve()) if args.init else None,
         "model_args": M.args_dict(model.args), "precision": precision, "world_size": world,
         "lora": dict(r=args.lora_r, alpha=args.lora_alpha, targets=args.lora_targets.split(",")) if lora else None,
@@ -489,19 +539,20 @@ def train(args, argv=()):
     # --- the loop: lr, forward, loss, backward, clip, step, log
     model.train()
     start_step = step
-    skipped, last_ckpt, t_start, tokens, metrics = 0, None, time.time(), 0, {}
+    skipped, last_ckpt, t_start, tokens, positions, metrics = 0, None, time.time(), 0, 0, {}
     ckpts = list_checkpoints(out)
     last_ckpt = ckpts[-1] if ckpts else None
     mfile = open(out / "metrics.jsonl", "a") if rank == 0 else None
     while step < total:
         t0 = time.time()
-        loss_sum, ent_sum, n_tok = 0.0, 0.0, 0
+        loss_sum, ent_sum, n_tok, n_pos = 0.0, 0.0, 0, 0
         for _ in range(args.grad_accum):
-            idx = micro_batch(len(texts), position, global_batch, args.seed, rank, world)
+            idx = plan(position, rank, world)
             position += 1
             ids, att, sub = M.pad_batch([tokenized[i][0] for i in idx], tok.pad_id, [tokenized[i][1] for i in idx])
             ids, att, sub = ids.to(device), att.to(device), sub.to(device)
             n_tok += int(att.sum())
+            n_pos += att.numel()
             if tgt_ids is not None:  # precomputed sparse target (stage 1, or stage 2 from a file)
                 target = (tgt_ids[idx].long().to(device), tgt_w[idx].to(device))
                 ent_sum += float(T.entropy(target[1]).mean())
@@ -540,6 +591,7 @@ def train(args, argv=()):
         opt.zero_grad(set_to_none=True)
         step += 1
         tokens += n_tok * world
+        positions += n_pos * world
         dt = time.time() - t0
         elapsed = time.time() - t_start
         metrics = dict(step=step, loss=float(loss_t), lr=lr, grad_norm=float(gnorm),
@@ -547,7 +599,8 @@ def train(args, argv=()):
                        elapsed_s=round(elapsed, 2))
         if rank == 0 and args.eval_every and (step % args.eval_every == 0 or step == total):
             import evaluate as E  # only when asked: the loop itself needs no evaluator
-            metrics["eval_spearman"] = round(E.evaluate_sts(emb, args.eval_data, batch_size=64)["cosine_spearman"], 6)
+            with autocast_ctx(precision, device):  # 16-bit base weights and fp32 adapters meet as in training
+                metrics["eval_spearman"] = round(E.evaluate_sts(emb, args.eval_data, batch_size=64)["cosine_spearman"], 6)
             log(f"step {step}: {Path(args.eval_data).name} cosine Spearman {metrics['eval_spearman']:.4f}")
         if rank == 0:
             mfile.write(json.dumps(metrics) + "\n")
@@ -573,7 +626,8 @@ def train(args, argv=()):
         meta["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         write_json_atomic(out / "meta.json", meta)
         log(f"done: {step} steps in {time.time() - t_start:.1f}s, final loss {metrics.get('loss', float('nan')):.4f}, "
-            f"{tokens / max(1e-9, time.time() - t_start):.0f} tokens/s -> {out}")
+            f"{tokens / max(1e-9, time.time() - t_start):.0f} tokens/s, "
+            f"{tokens / max(1, positions):.1%} of computed positions were real tokens -> {out}")
     return out
 
 
@@ -615,7 +669,7 @@ def cmd_targets(args):
     texts = read_texts(args.data)
     prog = progress_printer("targets")
     if args.stage == 1:
-        model_tok = M.Tokenizer.from_dir(args.model) if not M.is_run_dir(args.model) else M.load(args.model)[1]
+        model_tok = M.load_tokenizer(args.model)
         weights = T.idf_weights(texts, model_tok, args.max_length) if args.target_weighting == "idf" else None
         ids, w, n_empty = T.precompute_data_driven(texts, model_tok, args.max_length, k=args.k, weights=weights)
         header = dict(kind="data-driven", weighting=args.target_weighting, n_empty=n_empty)
@@ -644,10 +698,13 @@ def cmd_export(args):
 
 
 @torch.no_grad()
-def top_tokens(emb, texts, k=10):
+def top_tokens(emb, texts, k=10, what="inspect"):
     """The paper's token-alignment view: top-k of softmax(lm_head(h(x))), and per text the share
-    of those k tokens that occur among the input's token ids (hit@k is that share > 0)."""
-    probs = emb.model.token_logits(emb.embed(texts)).softmax(-1)  # [B, V]
+    of those k tokens that occur among the input's token ids (hit@k is that share > 0). NaN or
+    infinite logits are an error naming the text, not a row of NaN probabilities."""
+    logits = emb.model.token_logits(emb.embed(texts))  # [B, V]
+    T.check_logits(logits, texts, 0, what)
+    probs = logits.softmax(-1)  # [B, V]
     p, ids = probs.topk(k, dim=-1)  # [B, k]
     inputs = emb.tokenizer.encode(texts, add_special_tokens=False, max_length=emb.max_length)
     hits = [len(set(row.tolist()) & set(inp)) / k for row, inp in zip(ids, inputs)]  # overlap@k
@@ -658,7 +715,7 @@ def cmd_inspect(args):
     emb = embedder_for(args.model, args)
     emb.model.eval()
     if args.texts:
-        p, ids, hits = top_tokens(emb, args.texts, args.top)
+        p, ids, hits = top_tokens(emb, args.texts, args.top, f"inspect --model {args.model}")
         for text, pr, row, hit in zip(args.texts, p, ids, hits):
             print(f"{text[:80]!r}  hit@{args.top}={int(hit > 0)} overlap@{args.top}={hit:.1f}")
             print("   " + "  ".join(f"{emb.tokenizer.decode([i])!r} {q:.3g}" for i, q in zip(row.tolist(), pr.tolist())))
@@ -666,7 +723,7 @@ def cmd_inspect(args):
         texts = read_texts(args.corpus)[: args.n]
         hits = []
         for s in range(0, len(texts), args.batch_size):
-            hits += top_tokens(emb, texts[s: s + args.batch_size], args.top)[2]
+            hits += top_tokens(emb, texts[s: s + args.batch_size], args.top, f"inspect --model {args.model}")[2]
         rate = sum(h > 0 for h in hits) / len(hits)
         print(f"over {len(texts)} texts of {args.corpus}: hit@{args.top} {rate:.4f}, "
               f"overlap@{args.top} {sum(hits) / len(hits):.4f} (share of the top tokens found in the input)")
@@ -711,7 +768,7 @@ def main(argv=None):
     ep = sub.add_parser("export", help="merged weights as an HF checkpoint folder")
     ep.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto", help="auto: as loaded (fp32)")
     for q in (ip, ep):
-        q.add_argument("--model", default=str(DEFAULT_MODEL), help="run directory or HF checkpoint folder")
+        q.add_argument("--model", default=str(DEFAULT_MODEL), help="run directory, HF checkpoint folder, GGUF file or model name (smollm2)")
         q.add_argument("--attention", choices=["bidirectional", "causal"], default=None, help="default: the run's")
         q.add_argument("--pooling", choices=["mean", "last"], default=None, help="default: the run's")
         q.add_argument("--prompt", default=None)
@@ -722,6 +779,7 @@ def main(argv=None):
     ip.add_argument("--top", type=int, default=10)
     ip.add_argument("--batch-size", type=int, default=32)
     args = p.parse_args(argv)
+    args.model = str(M.resolve_model(args.model))  # a model name (M.MODEL_NAMES, e.g. smollm2) -> its file
     if args.cmd == "inspect":
         return cmd_inspect(args)
     if args.cmd == "export":
@@ -735,9 +793,10 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    import evaluate as E  # for its error type (--eval-data, the demo's scores); it needs only numpy
     try:
         main()
-    except (TrainError, M.ModelError) as e:
+    except (TrainError, M.ModelError, T.TargetsError, E.EvalError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

@@ -97,7 +97,7 @@ def test_first_loss_is_the_hand_computed_kl(tmp_path):
                            "--lora-r", 4, "--lora-dropout", 0]))
     m, tok = M.load(STORIES)
     texts = data.read_text().splitlines()
-    idx = t2t.micro_batch(len(texts), 0, 8, 0, 0, 1)
+    idx = t2t.BatchPlan(len(texts), 8, 0)(0)
     emb = M.Embedder(m, tok, "mean", False, 128)
     with torch.no_grad():
         logp = torch.log_softmax(m.token_logits(emb.embed([texts[i] for i in idx])), -1)
@@ -152,6 +152,75 @@ def test_precomputed_targets_give_the_same_loss_as_on_the_fly(tmp_path):
               "--out", str(tmp_path / "targets.safetensors")])
     pre = t2t.train(parse(common + ["--out", tmp_path / "pre", "--targets", tmp_path / "targets.safetensors"]))
     assert losses(pre) == pytest.approx(losses(fly), abs=1e-6)
+
+
+def padding_share(batches, lengths):
+    """Real tokens / computed positions (B x longest) over a list of batches."""
+    real = sum(lengths[i] for b in batches for i in b)
+    return real / sum(len(b) * max(lengths[i] for i in b) for b in batches)
+
+
+def test_length_grouped_batches_cover_the_epoch_with_less_padding():
+    m, tok = M.load(STORIES)
+    texts = WIKI.read_text().splitlines()[:3000]
+    lengths = [len(x) for x in tok.encode(texts, max_length=128)]
+    n, gb = len(texts), 32
+    for epoch in (0, 1):
+        rand = t2t.epoch_batches(n, epoch, gb, seed=0)
+        grouped = t2t.epoch_batches(n, epoch, gb, seed=0, lengths=lengths, group=50)
+        # the same texts, each once, in full batches; the incomplete batch is dropped in both
+        assert all(len(b) == gb for b in grouped) and len(grouped) == len(rand) == n // gb
+        assert sorted(i for b in grouped for i in b) == sorted(i for b in rand for i in b)
+        assert len({i for b in grouped for i in b}) == n // gb * gb
+        # the batch with the most computed positions comes first
+        cost = [len(b) * max(lengths[i] for i in b) for b in grouped]
+        assert cost[0] == max(cost)
+        # far less padding than random batches
+        assert padding_share(grouped, lengths) > 0.9 > 0.7 > padding_share(rand, lengths)
+    # a pure function of its arguments (exact resume), and each epoch differs
+    assert t2t.epoch_batches(n, 1, gb, 0, lengths) == t2t.epoch_batches(n, 1, gb, 0, lengths)
+    assert t2t.epoch_batches(n, 0, gb, 0, lengths) != t2t.epoch_batches(n, 1, gb, 0, lengths)
+    # ranks split each global batch between them, across epoch boundaries
+    plan = t2t.BatchPlan(n, gb, 0, lengths)
+    for position in (0, 5, n // gb, n // gb + 3):
+        shards = [plan(position, rank, 4) for rank in range(4)]
+        assert sorted(sum(shards, [])) == sorted(plan(position))
+
+
+def test_dropout16_keeps_the_expected_share_and_mean():
+    torch.manual_seed(0)
+    x = torch.randn(4_000_000)
+    for p in (0.05, 0.5):
+        d = M.Dropout16(p).train()
+        y = d(x)
+        kept = y != 0
+        # kept entries are x / (1 - p) exactly; the kept share is 1 - p within 5 standard errors
+        assert torch.equal(y[kept], x[kept] * d.scale) and d.scale == pytest.approx(1 / (1 - p), rel=1e-4)
+        se = (p * (1 - p) / x.numel()) ** 0.5
+        assert abs(kept.float().mean().item() - (1 - p)) < 5 * se
+        # masks differ from call to call, and E[y] = x: the mean of many draws approaches x
+        assert not torch.equal(d(x[:1000]), d(x[:1000]))
+    ones = torch.ones(2000, 500)
+    avg = torch.stack([M.Dropout16(0.05).train()(ones) for _ in range(20)]).mean(0)
+    assert abs(avg.mean().item() - 1.0) < 2e-3
+    assert torch.equal(M.Dropout16(0.05).eval()(x), x) and torch.equal(M.Dropout16(0.0).train()(x), x)
+    with pytest.raises(M.ModelError, match="dropout"):
+        M.Dropout16(1.0)
+
+
+def test_bf16_on_cpu_trains_and_stays_close_to_fp32(tmp_path):
+    data = corpus(tmp_path, 16)
+    common = ["--data", data, "--batch-size", 16, "--max-steps", 8, "--lora-r", 8, "--lr", 3e-3,
+              "--schedule", "constant", "--lora-dropout", 0]
+    fp32 = t2t.train(parse(common + ["--out", tmp_path / "fp32", "--precision", "fp32"]))
+    bf16 = t2t.train(parse(common + ["--out", tmp_path / "bf16", "--precision", "bf16"]))
+    a, b = losses(fp32), losses(bf16)
+    assert b[-1] < 0.9 * b[0], b  # it learns
+    # bf16 matmuls round to 8 mantissa bits: the losses follow fp32's within a few percent
+    assert b == pytest.approx(a, rel=0.03)
+    assert json.loads((bf16 / "meta.json").read_text())["precision"] == "bf16"
+    adapter = load_file(str(bf16 / "adapter.safetensors"))
+    assert all(v.dtype == torch.float32 for v in adapter.values())  # LoRA weights stay fp32
 
 
 def test_resume_after_sigkill_is_exact(tmp_path):
@@ -238,8 +307,9 @@ def test_nonfinite_stops_with_last_good_checkpoint(tmp_path, monkeypatch):
 
 def test_precision_flags(tmp_path):
     assert t2t.resolve_precision("auto", torch.device("cpu")) == "fp32"
+    assert t2t.resolve_precision("bf16", torch.device("cpu")) == "bf16"
     with pytest.raises(t2t.TrainError, match="needs a CUDA device"):
-        t2t.resolve_precision("bf16", torch.device("cpu"))
+        t2t.resolve_precision("fp16", torch.device("cpu"))
     data = corpus(tmp_path, 16)
     bad = run_train(["--data", data, "--out", tmp_path / "r", "--precision", "fp16", "--device", "cpu"])
     assert bad.returncode == 2 and "needs a CUDA device" in bad.stderr
