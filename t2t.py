@@ -17,10 +17,13 @@ Not included: pipeline/tensor parallelism, FSDP, evaluation during training beyo
 import argparse
 import copy
 import datetime
+import fcntl
 import json
 import os
 import random
+import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -41,6 +44,17 @@ STS_DEV = ROOT / "data" / "stsbenchmark" / "sts-dev.csv"  # for choosing steps; 
 
 class TrainError(Exception):
     """A user-facing problem: printed as one line, no traceback."""
+
+
+class Stopped(BaseException):
+    """A stop signal (STOP_SIGNALS) ended the command. The exit status is 128 + its number (SIGTERM
+    143, SIGINT 130, SIGUSR1 138), as a shell reports a process the signal killed; distinct from
+    success (0) and from an error (2). A BaseException, like KeyboardInterrupt: no `except
+    Exception` swallows it."""
+
+    def __init__(self, signum, detail=""):
+        self.signum, self.detail, self.status = signum, detail, 128 + signum
+        super().__init__(f"stopped by {signal.Signals(signum).name}" + (f" {detail}" if detail else ""))
 
 
 # -----------------------------------------------------------------------------
@@ -90,6 +104,9 @@ def train_parser(p: argparse.ArgumentParser):
     a("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
       help="auto: bf16 autocast on CUDA, fp32 on CPU; bf16 also runs on CPU (fast where the CPU has bf16 units)")
     a("--grad-checkpointing", action="store_true", help="recompute each layer in backward (saves memory)")
+    a("--compile", action="store_true",
+      help="torch.compile each layer (inductor; on CPU it needs a C++ compiler). Off by default: the "
+           "compile costs ~1 min on CPU before the first step (BENCHMARKS.md, bench/bench_compile.py)")
     a("--tau", type=float, default=1e-4, help="stage 2: temperature of the model-derived target")
     a("--background-samples", type=int, default=None, help="stage 2: texts in the background pass (default all)")
     a("--targets", default=None, help="precomputed targets.safetensors (from `t2t.py targets`) to train on")
@@ -104,9 +121,10 @@ def train_parser(p: argparse.ArgumentParser):
     a("--device", default="auto", help="auto, cpu, cuda, cuda:N")
 
 
-# Flags that may differ between a run and its --resume (they do not change the result).
+# Flags that may differ between a run and its --resume (they do not change the result); "cmd" is the
+# subcommand, absent when train() is called from Python.
 RESUMABLE = {"resume", "save_every", "keep_last", "log_every", "skip_nonfinite", "preset", "device", "eval_every",
-             "eval_data"}
+             "eval_data", "cmd"}
 
 
 def apply_preset(args, argv):
@@ -248,6 +266,119 @@ def average_gradients(params, world):
         offset += g.numel()
 
 
+def from_rank0(obj):
+    """Rank 0's value of a small Python object, on every rank."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# -----------------------------------------------------------------------------
+# Preemption: schedulers send SIGTERM (Kubernetes, SLURM at the time limit; SLURM's --signal often
+# USR1) and then, after a grace period, SIGKILL; Ctrl-C sends SIGINT.
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
+class StopSignals:
+    """Catches STOP_SIGNALS inside `with StopSignals() as stops:` (the command line). Outside the
+    training loop a signal raises Stopped at once: every file is written under a temporary name
+    (M.write_atomic), so nothing half-written is left. Inside (`deferred`) it is only noted: the
+    loop stops after the current optimizer step, having written a checkpoint. A second signal is
+    noted, never acted on, so that a save in progress completes. Not entered: nothing is caught
+    (a caller of train() that did not ask for it)."""
+
+    def __init__(self):
+        self.signum, self.deferred, self.saved = 0, False, {}
+
+    def __enter__(self):
+        for s in STOP_SIGNALS:
+            self.saved[s] = signal.signal(s, self.handle)
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.saved.items():
+            signal.signal(s, handler)
+
+    def handle(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self.signum:  # os.write, not print: a handler may run inside a print
+            os.write(2, f"\n{name}: already stopping, finishing what is being written\n".encode())
+            return
+        self.signum = signum
+        if not self.deferred:
+            raise Stopped(signum)
+        os.write(2, f"\n{name}: stopping after this step, with a checkpoint\n".encode())
+
+
+def agreed_stop(stops, device, world) -> int:
+    """The number of the stop signal any rank caught (0: none): one scalar all-reduce (MAX) per
+    optimizer step, so that every rank stops after the same step."""
+    if world == 1:
+        return stops.signum
+    return int(all_reduce_(torch.tensor([stops.signum], device=device), dist.ReduceOp.MAX).item())
+
+
+def resume_command(args, argv, world) -> str:
+    """The command line that continues this run: the same flags, plus --resume."""
+    flags = [str(a) for a in (argv or flags_of(args)) if a != "--resume"]
+    flags = flags[1:] if flags[:1] == ["train"] else flags
+    # one node: torchrun's own flags for several nodes are the launcher's to repeat
+    launcher = ["torchrun", "--nproc_per_node", os.environ.get("LOCAL_WORLD_SIZE", str(world))] if world > 1 \
+        else [sys.executable]
+    return shlex.join(launcher + [str(ROOT / "t2t.py"), "train", *flags, "--resume"])
+
+
+def flags_of(args) -> list:
+    """Every flag of a parsed `train` command line, as argv (for train() called without argv)."""
+    argv = []
+    for key, value in vars(args).items():
+        if value is not None and value is not False and key not in ("resume", "preset", "cmd"):
+            argv += [f"--{key.replace('_', '-')}"] + ([] if value is True else [str(value)])
+    return argv
+
+
+# -----------------------------------------------------------------------------
+# One writer per run directory: an flock on <run>/train.lock, which holds the writer's pid. The
+# kernel releases it when the process ends, however it ends, so a killed run never blocks the next.
+
+LOCK_FILE = "train.lock"
+
+
+class RunLock:
+    def __init__(self):
+        self.fd = None
+
+    def acquire(self, out: Path):
+        if self.fd is not None:
+            return
+        path = out / LOCK_FILE
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise TrainError(f"{path}: cannot be created ({e.strerror})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise TrainError(f"{out}: another process is writing to this run (pid {holder}, which holds {path}); "
+                             f"wait for it to end, or stop it") from None
+        except OSError as e:  # a file system without locks
+            os.close(fd)
+            raise TrainError(f"{path}: cannot be locked ({e.strerror})") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+
+    def release(self):
+        if self.fd is not None:
+            os.close(self.fd)  # closing the file releases the flock
+            self.fd = None
+
+
 # -----------------------------------------------------------------------------
 # Run directories and checkpoints (written to a temporary name, then renamed: a kill during a
 # write never leaves something that looks complete)
@@ -271,6 +402,36 @@ def save_weights_atomic(tensors: dict, path):
     M.write_atomic(path, lambda tmp: save_file(cpu, str(tmp)))
 
 
+class _RecordingWriter:
+    """The file torch.save writes through, keeping the OSError of a failed write: torch's zip
+    writer turns it into a RuntimeError that says only 'unexpected pos'."""
+
+    def __init__(self, fh):
+        self.fh, self.error = fh, None
+
+    def write(self, data):
+        try:
+            return self.fh.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self):
+        self.fh.flush()
+
+
+def torch_save(obj, path):
+    """torch.save to `path`; a failed write raises its own OSError (disk full, file too large)."""
+    with open(path, "wb") as fh:
+        writer = _RecordingWriter(fh)
+        try:
+            torch.save(obj, writer)
+        except RuntimeError:
+            if writer.error is not None:
+                raise writer.error from None
+            raise
+
+
 def trainable_state(model, lora: bool) -> dict:
     if lora:
         return M.lora_state_dict(model)
@@ -284,31 +445,81 @@ def weights_name(lora):
     return "adapter.safetensors" if lora else "model.safetensors"
 
 
+def checkpoint_step(d: Path) -> int:
+    return int(d.name[5:])
+
+
+def checkpoint_dirs(out: Path):
+    """The checkpoints/step-N folders, oldest first (a temporary .tmp-step-N is not one)."""
+    dirs = [d for d in (out / "checkpoints").glob("step-*") if d.is_dir() and d.name[5:].isdigit()]
+    return sorted(dirs, key=checkpoint_step)
+
+
 def list_checkpoints(out: Path):
-    ckpts = []
-    for d in (out / "checkpoints").glob("step-*"):
-        if d.is_dir() and d.name[5:].isdigit() and (d / "state.pt").is_file():
-            ckpts.append((int(d.name[5:]), d))
-    return [d for _, d in sorted(ckpts)]
+    """The checkpoints that were written completely (their manifest is there), oldest first."""
+    return [d for d in checkpoint_dirs(out) if (d / M.MANIFEST).is_file()]
+
+
+def checkpoint_files(lora):
+    return [weights_name(lora), "state.pt"]
 
 
 def save_checkpoint(out: Path, step, model, lora, opt, sched, scaler, position, keep_last):
+    """checkpoints/step-N: the trainable weights, state.pt (optimizer, schedule, scaler, RNG states,
+    data position) and, last, their manifest, in a temporary folder renamed when complete. A failed
+    write (a full disk) removes the temporary folder and raises M.WriteError; earlier checkpoints
+    are untouched."""
     final = out / "checkpoints" / f"step-{step}"
     tmp = out / "checkpoints" / f".tmp-step-{step}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_weights_atomic(trainable_state(model, lora), tmp / weights_name(lora))
-    torch.save({
-        "step": step, "position": position, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-        "scaler": scaler.state_dict() if scaler is not None else None,
-        "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-    }, tmp / "state.pt")
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    for old in list_checkpoints(out)[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(old)
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_weights_atomic(trainable_state(model, lora), tmp / weights_name(lora))
+        M.write_atomic(tmp / "state.pt", lambda f: torch_save({
+            "step": step, "position": position, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+        }, f))
+        M.write_manifest(tmp, checkpoint_files(lora))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    except OSError as e:  # the folder itself (mkdir, rename) on a full disk
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise M.WriteError(f"{final}: cannot be written ({M.write_cause(e)})") from None
+    except BaseException:  # a failed file write (M.WriteError): only the temporary folder was touched
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    prune_checkpoints(out, keep_last, final)
     return final
+
+
+def prune_checkpoints(out: Path, keep_last, newest: Path):
+    """Delete all but the keep_last newest checkpoints up to `newest`, the one just written (the
+    last intact one, never deleted). Those of later steps are left: a resumed run skipped them as
+    damaged, and rewrites them when it gets there."""
+    if keep_last <= 0:
+        return
+    older = [d for d in list_checkpoints(out) if checkpoint_step(d) <= checkpoint_step(newest)]
+    for old in older[:-keep_last]:
+        shutil.rmtree(old)
+
+
+def newest_intact_checkpoint(out: Path, lora, log):
+    """The newest checkpoint whose files match its manifest. Each newer one that does not
+    (truncated, altered, incomplete) gets one WARNING line naming the file. None when there is no
+    checkpoint; TrainError when there are some but none is intact."""
+    dirs = checkpoint_dirs(out)
+    for d in reversed(dirs):
+        try:
+            M.check_manifest(d, checkpoint_files(lora))
+            return d
+        except M.ModelError as e:
+            log(f"WARNING: {e}; checkpoint {d.name} skipped")
+    if dirs:
+        raise TrainError(f"--resume: none of the {len(dirs)} checkpoint(s) in {out / 'checkpoints'} is intact "
+                         "(each is named above); start a new run with another --out")
+    return None
 
 
 def restore_checkpoint(ckpt: Path, model, lora, opt, sched, scaler):
@@ -329,20 +540,64 @@ def restore_checkpoint(ckpt: Path, model, lora, opt, sched, scaler):
     return state["step"], state["position"]
 
 
-def prepare_out(args):
+def truncate_metrics(path: Path, step):
+    """Keep the metric lines of steps up to `step` (a resumed run redoes the later ones); a last line
+    cut short (no newline: a kill or a full disk mid-write) is dropped."""
+    if not path.is_file():
+        return
+    lines = path.read_text().split("\n")[:-1]  # what follows the last newline is "" or unfinished
+    kept = []
+    for n, line in enumerate(lines, 1):
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            raise TrainError(f"{path}:{n}: not a metrics line (a JSON object with 'step')") from None
+    M.write_atomic(path, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept)))
+
+
+def append_metrics(mfile, metrics):
+    try:
+        mfile.write(json.dumps(metrics) + "\n")
+        mfile.flush()
+    except OSError as e:
+        raise M.WriteError(f"{mfile.name}: cannot be written ({M.write_cause(e)})") from None
+
+
+def prepare_out(args, lock):
+    """Check --out against --resume; a run to resume is locked at once (lock: RunLock)."""
     out = Path(args.out)
     if args.resume:
         if not (out / "meta.json").is_file():
             raise TrainError(f"--resume: {out} holds no run (no meta.json)")
+        lock.acquire(out)
         old = M.read_run_meta(out).get("args", {})
         now = vars(args)
         diff = [k for k in now if k not in RESUMABLE and old.get(k) != now[k]]
         if diff:
             detail = ", ".join(f"--{k.replace('_', '-')} {old.get(k)!r} -> {now[k]!r}" for k in diff)
             raise TrainError(f"--resume: flags differ from the run in {out}: {detail}")
-    elif out.exists() and any(out.iterdir()):
-        raise TrainError(f"--out {out} exists and is not empty (use --resume to continue it, or another --out)")
+    else:
+        check_out_empty(out)
     return out  # created once the model and data have loaded, so a bad flag leaves nothing behind
+
+
+def check_out_empty(out: Path):
+    """A new run's --out may exist, empty (a lock file left by a start that failed counts as empty)."""
+    if out.exists() and any(p.name != LOCK_FILE for p in out.iterdir()):
+        raise TrainError(f"--out {out} exists and is not empty (use --resume to continue it, or another --out)")
+
+
+def create_out(out: Path, resume, lock):
+    """Make the run directory and lock it; a new run checks again, holding the lock, that no other
+    run has started in it meanwhile."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise M.WriteError(f"{out}: cannot be created ({M.write_cause(e)})") from None
+    lock.acquire(out)
+    if not resume:
+        check_out_empty(out)
 
 
 # -----------------------------------------------------------------------------
@@ -403,6 +658,9 @@ def build_student(args, device, precision, log):
         if model.args.tie_embeddings:
             log("full fine-tuning: the LM head is tied to the embedding, so it is trained too")
     model.grad_checkpointing = args.grad_checkpointing
+    if args.compile:  # the teacher of LoRA runs is this model with its adapter off: compiled too
+        for m in (model, teacher) if teacher is not None else (model,):
+            M.compile_layers(m)
     return model, tok, params, teacher
 
 
@@ -420,9 +678,10 @@ def stage1_targets(args, texts, tok, log):
 
 
 def background(args, out, embedder, texts, rank, world, log):
-    """theta = mean teacher logits over the corpus, computed once and cached in the run dir."""
+    """theta = mean teacher logits over the corpus, computed once and cached in the run dir (listed
+    in the run's manifest: a damaged cache is recomputed, after one WARNING line)."""
     cache = out / "background.safetensors"
-    if cache.is_file():
+    if cache.is_file() and background_intact(out, cache, log):
         log(f"stage 2: background read from {cache}")
         theta = dict(M.read_tensors(cache)).get("logits")
         if theta is None or tuple(theta.shape) != (embedder.model.args.vocab_size,):
@@ -433,7 +692,8 @@ def background(args, out, embedder, texts, rank, world, log):
     t0 = time.time()
     shard = sample[rank::world]
     if shard:
-        s, n = T.background_sum(embedder, shard, batch_size=args.batch_size)
+        s, n = T.background_sum(embedder, shard, batch_size=args.batch_size,
+                                progress=progress_printer("background") if rank == 0 else None)
     else:  # fewer texts than ranks
         s, n = torch.zeros(embedder.model.args.vocab_size, dtype=torch.float64), 0
     s = all_reduce_(s.to(embedder.device, torch.float64))
@@ -441,15 +701,58 @@ def background(args, out, embedder, texts, rank, world, log):
     theta = (s / n).float()
     if rank == 0:
         save_weights_atomic({"logits": theta}, cache)
+        M.write_manifest(out, [cache.name])
     log(f"stage 2: background over {n} texts in {time.time() - t0:.1f}s")
     return theta
+
+
+def background_intact(out, cache, log) -> bool:
+    try:
+        M.check_manifest(out, [cache.name])
+        return True
+    except M.ModelError as e:
+        log(f"WARNING: {e}; the background is computed again")
+        return False
+
+
+def run_files(out, lora):
+    """The final files of a run that its manifest covers."""
+    return [weights_name(lora)] + (["background.safetensors"] if (out / "background.safetensors").is_file() else [])
 
 
 # -----------------------------------------------------------------------------
 # Training
 
 
-def train(args, argv=()):
+def train(args, argv=(), stops=None):
+    """`t2t.py train`: one stage into the run directory --out (train_stage), which is locked while
+    it runs (RunLock). A stop signal (stops: StopSignals, entered by the command line) ends it with
+    Stopped, which says how to continue; a failed write (a full disk) is a TrainError naming the
+    path, the cause and the last good checkpoint."""
+    stops = stops or StopSignals()  # not entered: no signal is caught
+    if stops.signum:  # noted while the demo's previous stage wrote its final files
+        raise Stopped(stops.signum)
+    lock = RunLock()
+    try:
+        return train_stage(args, argv, stops, lock)
+    except Stopped as e:
+        raise Stopped(e.signum, e.detail or f"before training; {how_to_continue(args, argv)}") from None
+    except M.WriteError as e:
+        ckpts = list_checkpoints(Path(args.out))
+        raise TrainError(f"{e}; last good checkpoint: {ckpts[-1] if ckpts else 'none'}; once there is room, "
+                         f"{how_to_continue(args, argv)}") from None
+    finally:
+        lock.release()
+        stops.deferred = False
+
+
+def how_to_continue(args, argv) -> str:
+    if (Path(args.out) / "meta.json").is_file():
+        return f"continue with:\n  {resume_command(args, argv, int(os.environ.get('WORLD_SIZE', '1')))}"
+    return "nothing was written: run the same command again"
+
+
+def train_stage(args, argv, stops, lock):
     rank, world, device = setup_distributed(args.device)
     log = (lambda msg: print(msg, flush=True)) if rank == 0 else (lambda msg: None)
     if args.stage == 2 and not args.init:
@@ -457,7 +760,7 @@ def train(args, argv=()):
     if args.out is None:
         raise TrainError("--out DIR is required")
     precision = resolve_precision(args.precision, device)
-    out = prepare_out(args) if rank == 0 else Path(args.out)
+    out = prepare_out(args, lock) if rank == 0 else Path(args.out)
     if world > 1:
         dist.barrier()
     random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
@@ -486,29 +789,14 @@ def train(args, argv=()):
         texts, tgt_ids, tgt_w = stage1_targets(args, texts, tok, log)
     else:
         tgt_ids = tgt_w = None  # stage 2 on the fly from the teacher
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-    if world > 1:
-        dist.barrier()
-    if args.stage == 2 and tgt_ids is None:
-        t_emb = M.Embedder(teacher or model, tok, emb.pooling, causal, args.max_length, emb.prompt)
-        with M.lora_enabled(model, False):
-            theta = background(args, out, t_emb, texts, rank, world, log)
     global_batch = args.batch_size * world
     per_epoch = len(texts) // global_batch
     if per_epoch == 0:
         raise TrainError(f"{args.data}: {len(texts)} texts are fewer than one global batch ({global_batch})")
     total = args.max_steps or max(1, int(args.epochs * per_epoch / args.grad_accum))
-    tokenized = tok.encode_with_prompt(texts, emb.prompt, args.max_length)  # [(ids, text mask)] per text
-    lengths = [len(ids) for ids, _ in tokenized] if args.group_by_length else None
-    plan = BatchPlan(len(texts), global_batch, args.seed, lengths, args.group_by_length)
 
-    # --- optimizer, schedule, scaler, resume
-    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=args.weight_decay,
-                            fused=device.type == "cuda")  # one kernel for all tensors: small models are launch-bound
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, args.warmup_steps, args.schedule))
-    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
-    step, position = 0, 0
+    # --- the run directory: created, locked and described (meta.json) before anything is computed
+    # into it, so that a run stopped from here on can be resumed
     meta = {
         "format_version": M.RUN_FORMAT, "stage": args.stage, "args": vars(args), "seed": args.seed,
         "git_commit": git_commit(),
@@ -518,30 +806,44 @@ def train(args, argv=()):
         "lora": dict(r=args.lora_r, alpha=args.lora_alpha, targets=args.lora_targets.split(",")) if lora else None,
         "embedding": emb.settings(), "n_texts": len(texts), "total_steps": total,
     }
+    if rank == 0:
+        create_out(out, args.resume, lock)
+        write_json_atomic(out / "meta.json", meta)
+    if world > 1:
+        dist.barrier()
+    if args.stage == 2 and tgt_ids is None:
+        t_emb = M.Embedder(teacher or model, tok, emb.pooling, causal, args.max_length, emb.prompt)
+        with M.lora_enabled(model, False):
+            theta = background(args, out, t_emb, texts, rank, world, log)
+    tokenized = tok.encode_with_prompt(texts, emb.prompt, args.max_length)  # [(ids, text mask)] per text
+    lengths = [len(ids) for ids, _ in tokenized] if args.group_by_length else None
+    plan = BatchPlan(len(texts), global_batch, args.seed, lengths, args.group_by_length)
+
+    # --- optimizer, schedule, scaler, resume
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=args.weight_decay,
+                            fused=device.type == "cuda")  # one kernel for all tensors: small models are launch-bound
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, args.warmup_steps, args.schedule))
+    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+    step, position, ckpt = 0, 0, None
     if args.resume:
-        ckpts = list_checkpoints(out)
-        if ckpts:
-            step, position = restore_checkpoint(ckpts[-1], model, lora, opt, sched, scaler)
-            log(f"resumed from {ckpts[-1]} (step {step})")
-            if rank == 0:  # drop the metric lines logged after that checkpoint: they are redone
-                lines = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").is_file() else []
-                kept = [l for l in lines if json.loads(l)["step"] <= step]
-                M.write_atomic(out / "metrics.jsonl", lambda tmp: tmp.write_text("".join(l + "\n" for l in kept)))
+        ckpt = from_rank0(newest_intact_checkpoint(out, lora, log) if rank == 0 else None)
+        if ckpt:
+            step, position = restore_checkpoint(ckpt, model, lora, opt, sched, scaler)
+            log(f"resumed from {ckpt} (step {step})")
         else:
             log(f"--resume: no checkpoint in {out}, starting at step 0")
-    if rank == 0:
-        write_json_atomic(out / "meta.json", meta)
+        if rank == 0:  # drop the metric lines logged after that checkpoint: they are redone
+            truncate_metrics(out / "metrics.jsonl", step)
     n_train = sum(p.numel() for p in params)
     log(f"stage {args.stage}: {len(texts)} texts, {total} steps of {global_batch * args.grad_accum} texts, "
         f"{n_train:,} trainable parameters ({'LoRA r=%d' % args.lora_r if lora else 'full'}), "
         f"{precision} on {device}{f' x{world}' if world > 1 else ''}")
 
-    # --- the loop: lr, forward, loss, backward, clip, step, log
+    # --- the loop: lr, forward, loss, backward, clip, step, log, stop on a signal
     model.train()
+    stops.deferred = True  # from here a stop signal ends the run after the current step, with a checkpoint
     start_step = step
-    skipped, last_ckpt, t_start, tokens, positions, metrics = 0, None, time.time(), 0, 0, {}
-    ckpts = list_checkpoints(out)
-    last_ckpt = ckpts[-1] if ckpts else None
+    skipped, last_ckpt, t_start, tokens, positions, metrics = 0, ckpt, time.time(), 0, 0, {}
     mfile = open(out / "metrics.jsonl", "a") if rank == 0 else None
     while step < total:
         t0 = time.time()
@@ -603,8 +905,7 @@ def train(args, argv=()):
                 metrics["eval_spearman"] = round(E.evaluate_sts(emb, args.eval_data, batch_size=64)["cosine_spearman"], 6)
             log(f"step {step}: {Path(args.eval_data).name} cosine Spearman {metrics['eval_spearman']:.4f}")
         if rank == 0:
-            mfile.write(json.dumps(metrics) + "\n")
-            mfile.flush()
+            append_metrics(mfile, metrics)
             eta = elapsed / max(1, step - start_step) * (total - step)
             line = (f"step {step}/{total} loss {metrics['loss']:.4f} lr {lr:.2e} "
                     f"tok/s {metrics['tokens_per_s']:.0f} elapsed {elapsed:.0f}s eta {eta:.0f}s")
@@ -612,16 +913,21 @@ def train(args, argv=()):
                 print("\r" + line, end="\n" if step == total else "", flush=True)
             elif step % args.log_every == 0 or step == total or step == 1:
                 print(line, flush=True)
-        if args.save_every and step % args.save_every == 0 and step < total:
+        stop = agreed_stop(stops, device, world) if step < total else 0  # at the last step: just finish
+        if stop or (args.save_every and step % args.save_every == 0 and step < total):
             if rank == 0:
                 last_ckpt = save_checkpoint(out, step, model, lora, opt, sched, scaler, position, args.keep_last)
             if world > 1:
                 dist.barrier()
+        if stop:
+            raise Stopped(stop, f"after step {step} of {total}, checkpoint {last_ckpt or 'written by rank 0'}; "
+                                f"continue with:\n  {resume_command(args, argv, world)}")
 
     # --- final weights and summary
     if rank == 0:
         mfile.close()
         save_weights_atomic(trainable_state(model, lora), out / weights_name(lora))
+        M.write_manifest(out, run_files(out, lora))
         meta["last_metrics"] = metrics
         meta["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         write_json_atomic(out / "meta.json", meta)
@@ -635,7 +941,7 @@ def train(args, argv=()):
 # The demo: stage 1 then stage 2 on the bundled data, STS Benchmark after each
 
 
-def demo(argv):
+def demo(argv, stops=None):
     import evaluate as E
     root = Path("runs") / "demo"
     if root.exists():
@@ -653,7 +959,7 @@ def demo(argv):
             extra += ["--init", str(root / "stage1")]
         args = apply_preset(p.parse_args(argv + extra), argv + extra)
         print(f"demo stage {stage}: " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in DEMO_PRESET[stage].items()))
-        run = train(args, argv + extra)
+        run = train(args, argv + extra, stops)
         scores[f"stage{stage}"] = E.evaluate_sts(M.Embedder.from_run(run), "STSBenchmark")["cosine_spearman"]
         print(f"STS Benchmark test, after stage {stage}: {scores[f'stage{stage}']:.4f}")
     print("\nSTS Benchmark (test, cosine Spearman): " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
@@ -748,8 +1054,13 @@ def progress_printer(what):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    with StopSignals() as stops:  # SIGTERM, SIGINT, SIGUSR1 stop cleanly (StopSignals)
+        return command(argv, stops)
+
+
+def command(argv, stops):
     if not argv or argv == ["train"]:
-        return demo([])
+        return demo([], stops)
     p = argparse.ArgumentParser(prog="t2t.py", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     train_parser(sub.add_parser("train", help="train stage 1 or 2"))
@@ -786,19 +1097,29 @@ def main(argv=None):
         return cmd_export(args)
     if args.cmd == "train":
         if args.preset == "demo" and args.out is None and "--stage" not in argv:
-            return demo([a for a in argv[1:] if a not in ("--preset", "demo", "--preset=demo")])
-        return train(apply_preset(args, argv), argv)
+            return demo([a for a in argv[1:] if a not in ("--preset", "demo", "--preset=demo")], stops)
+        return train(apply_preset(args, argv), argv, stops)
     if args.cmd == "targets":
         return cmd_targets(args)
 
 
-if __name__ == "__main__":
+def cli():
+    """The command line's exit statuses: 0 done, 2 an error (one line, no traceback), 128 + the
+    signal's number after a stop signal (143 SIGTERM, 130 SIGINT, 138 SIGUSR1; see Stopped)."""
     import evaluate as E  # for its error type (--eval-data, the demo's scores); it needs only numpy
     try:
         main()
     except (TrainError, M.ModelError, T.TargetsError, E.EvalError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
+    except Stopped as e:
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for all
+            print(f"\n{e}" if e.detail else f"\n{e}: nothing was left half-written", file=sys.stderr)
+        sys.exit(e.status)
+    except KeyboardInterrupt:  # Ctrl-C before the handlers are in place
         print("\ninterrupted", file=sys.stderr)
         sys.exit(130)
+
+
+if __name__ == "__main__":
+    cli()

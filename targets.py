@@ -15,9 +15,7 @@ all-reduce (the caller sums background_sum over ranks), TF weighting.
 
 import contextlib
 import json
-import os
 import re
-import tempfile
 import weakref
 from functools import lru_cache
 from pathlib import Path
@@ -27,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+
+from model import write_atomic  # the one atomic writer (model.py needs nothing from here)
 
 STOPWORDS_FILE = Path(__file__).resolve().parent / "data" / "stopwords_en.txt"
 EXTRA_STOPWORDS = ("!", ",", ".", "?")  # the authors add these to NLTK's list (step 1 removes them anyway)
@@ -174,6 +174,16 @@ def eval_mode(module):
         module.train(was_training)
 
 
+def check_logits(z, texts, start, what):
+    """z [B, V] of texts[start:start + B]: refuse NaN or inf (an LM head that overflows would
+    otherwise turn every target built from it into NaN), naming the first such text."""
+    bad = ~torch.isfinite(z).all(-1)  # [B]
+    if bad.any():
+        i = start + int(bad.nonzero()[0])
+        raise TargetsError(f"{what}: the model's logits for text {i} ({texts[i][:60]!r}) are NaN or infinite "
+                           "(its weights or LM head overflow)")
+
+
 @torch.no_grad()
 def background_sum(embedder, texts, batch_size=32, progress=None):
     """The local shard's part of the background -> (sum of logits z(x) [V] float64, count).
@@ -186,6 +196,7 @@ def background_sum(embedder, texts, batch_size=32, progress=None):
     with eval_mode(embedder.model):
         for start in range(0, len(texts), batch_size):
             z = embedder.model.token_logits(embedder.embed(texts[start:start + batch_size]))  # [B, V] fp32
+            check_logits(z, texts, start, "background logits")
             total = total + z.double().sum(0)  # [V]; float64 so a million texts add up without drift
             if progress:
                 progress(min(start + batch_size, len(texts)), len(texts))
@@ -223,6 +234,7 @@ def precompute_model_derived(embedder, texts, background, tau, k=64, batch_size=
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
             z = embedder.model.token_logits(embedder.embed([texts[i] for i in rows]))  # [B, V]
+            check_logits(z, [texts[i] for i in rows], 0, "stage-2 targets")
             q = model_derived_target(z, background.to(z.device), tau)  # [B, V]
             batch_ids, batch_weights = topk_sparse(q, k)  # [B, k] each
             ids[rows], weights[rows] = batch_ids.cpu(), batch_weights.cpu()
@@ -265,6 +277,9 @@ def check_targets(ids, weights, where: str):
     if ids.ndim != 2 or ids.shape != weights.shape:
         raise TargetsError(f"{where}: ids {tuple(ids.shape)} and weights {tuple(weights.shape)} "
                            "must be the same [N, k]")
+    nonfinite = ~torch.isfinite(weights).all(-1)  # [N]; NaN would pass every comparison below
+    if nonfinite.any():
+        raise TargetsError(f"{where}: row {int(nonfinite.nonzero()[0])} of weights holds NaN or infinite values")
     filled = ids >= 0
     if (ids < -1).any() or (weights < 0).any() or (weights[~filled] != 0).any():
         raise TargetsError(f"{where}: ids below -1, negative weights, or weight in an empty (-1) slot")
@@ -276,23 +291,20 @@ def check_targets(ids, weights, where: str):
 
 
 def save_targets(path, ids, weights, header: dict):
-    """Writes ids / weights and the JSON header (metadata key "text2token") to `path` atomically:
-    a temporary file in the same folder, then os.replace, so a crash never leaves half a file."""
+    """Writes ids / weights and the JSON header (metadata key "text2token") to `path` through
+    model.write_atomic: a crash, a stop signal or a full disk never leaves half a file (a failed
+    write is a WriteError naming the path and the cause)."""
     path = Path(path)
     check_targets(ids, weights, f"{path} (about to write)")
     metadata = {HEADER_KEY: json.dumps(header)}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({"ids": ids.contiguous(), "weights": weights.contiguous()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    tensors = {"ids": ids.contiguous(), "weights": weights.contiguous()}
+    write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def load_targets(path):
-    """-> (ids int32 [N, k], weights float32 [N, k], header dict), checked (see check_targets)."""
+    """-> (ids int32 [N, k], weights float32 [N, k], header dict), checked (see check_targets; NaN
+    and inf weights are refused). Token ids are checked against a vocabulary by the caller, who
+    knows the model (t2t.py train)."""
     path = Path(path)
     if not path.is_file():
         raise TargetsError(f"{path}: targets file not found")
@@ -303,13 +315,15 @@ def load_targets(path):
                 if key not in keys:
                     raise TargetsError(f"{path}: tensor {key!r} missing (found {sorted(keys)})")
             ids, weights = f.get_tensor("ids"), f.get_tensor("weights")
-    except SafetensorError as e:
+    except (SafetensorError, OSError) as e:
         raise TargetsError(f"{path}: not a readable safetensors file ({e})") from None
     if HEADER_KEY not in metadata:
         raise TargetsError(f"{path}: metadata key {HEADER_KEY!r} missing (found {sorted(metadata)})")
     try:
         header = json.loads(metadata[HEADER_KEY])
-    except json.JSONDecodeError as e:
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, json's int-size limit, deep nesting
         raise TargetsError(f"{path}: metadata {HEADER_KEY!r} is not JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise TargetsError(f"{path}: metadata {HEADER_KEY!r} must be a JSON object, got {type(header).__name__}")
     check_targets(ids, weights, str(path))
     return ids, weights, header

@@ -279,7 +279,7 @@ def test_beir_reader_counts_and_document_text(tmp_path):
 @pytest.mark.parametrize("qrels, where, what", [
     ("query-id\tcorpus-id\tscore\nq1\td1\t1\nq1 d2 1\n", ":3:", "1 tab-separated fields"),
     ("query-id\tcorpus-id\tscore\nq1\td1\t0.5\n", ":2:", "'0.5' is not an integer"),
-    ("query-id\tcorpus-id\tscore\nq9\td1\t1\n", "", "'q9' is not in queries.jsonl"),
+    ("query-id\tcorpus-id\tscore\nq9\td1\t1\n", "", "'q9' is not in /"),  # queries.jsonl, named by its path
 ])
 def test_beir_malformed_qrels(tmp_path, qrels, where, what):
     folder = make_beir(tmp_path / "tiny", qrels)
@@ -371,9 +371,9 @@ def test_cli_demo_defaults(tmp_path, monkeypatch, capsys):
     evaluate.main(["--tasks", str(sts), str(beir), "--batch-size", "2"])
     out = capsys.readouterr().out.splitlines()
     assert out[0].split() == ["model", "revision", "mini", "tiny"]
-    assert out[2].startswith("stories260K") and out[3].startswith("tfidf") and len(out) == 4
+    assert out[2].startswith("local/stories260K") and out[3].startswith("tfidf") and len(out) == 4
     revision = hashlib.sha256((STORIES / "model.safetensors").read_bytes()).hexdigest()[:12]
-    folder = tmp_path / "results" / "stories260K" / revision
+    folder = tmp_path / "results" / "local__stories260K" / revision  # mteb needs "organization/name"
     assert sorted(p.name for p in folder.iterdir()) == ["mini.json", "model_meta.json", "tiny.json"]
     meta = json.loads((folder / "model_meta.json").read_text(encoding="utf-8"))
     assert (meta["embed_dim"], meta["max_tokens"], meta["similarity_fn_name"]) == (64, 512, "cosine")
@@ -385,8 +385,8 @@ def test_cli_run_directory(tmp_path, capsys):
     run = tmp_path / "stage1"  # a full fine-tuning run: meta.json + model.safetensors (here the base weights)
     run.mkdir()
     (run / "model.safetensors").write_bytes((STORIES / "model.safetensors").read_bytes())
-    (run / "meta.json").write_text(json.dumps({"base_model": str(STORIES), "embedding": {"attention": "causal",
-                                                                                       "pooling": "mean"}}))
+    (run / "meta.json").write_text(json.dumps({"format_version": 1, "base_model": str(STORIES),
+                                               "embedding": {"attention": "causal", "pooling": "mean"}}))
     sts = tmp_path / "mini.tsv"
     sts.write_text("sentence1\tsentence2\tscore\na b\ta c\t1\nx y\tz w\t0\nq r\tq r\t5\n", encoding="utf-8")
     evaluate.main(["--model", str(run), "--tasks", str(sts), "--output", str(tmp_path / "out")])
