@@ -677,7 +677,7 @@ def load_encoder(path, args):
                         f"folder, a .gguf file or a model name)")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise EvalError(f"--device {args.device}: CUDA is not available here")
-    dtype = auto_dtype(args.device) if args.dtype == "auto" else getattr(torch, args.dtype)
+    dtype = getattr(torch, args.dtype) if args.dtype != "auto" else auto_dtype(args.device, trained_in_bf16(path) or None)
     if model.is_run_dir(path):  # attention/pooling as trained, unless given as flags
         emb = model.Embedder.from_run(path, device=args.device, dtype=dtype, attention=args.attention,
                                       pooling=args.pooling, max_length=args.max_length)
@@ -695,9 +695,18 @@ def load_encoder(path, args):
     return emb, name, revision, meta
 
 
-# --dtype auto on a CPU with bf16 units: off until measured (bench/bench_bf16_cpu.py: speed, and
-# the STS-B score of SmolLM2 in both dtypes); True makes auto pick bfloat16 there too.
+# --dtype auto on a CPU with bf16 units, for models not trained in bf16 (BENCHMARKS.md, "bf16 on
+# CPU"): bf16 encodes SmolLM2 2-3x faster with STS-B dev within 0.001 (causal), but moves
+# bidirectional models by up to 0.007 and the fp32-trained demo model's documented scores; so auto
+# keeps fp32 there and picks bf16 for runs trained with --precision bf16 (trained_in_bf16).
 AUTO_BF16_ON_CPU = False
+
+
+def trained_in_bf16(path) -> bool:
+    """Whether `path` is a run directory trained with bf16 autocast (meta.json's precision): --dtype
+    auto then scores it with bf16 weights on a CPU with bf16 units, as training saw them."""
+    import model
+    return model.is_run_dir(path) and model.read_run_meta(path).get("precision") == "bf16"
 
 
 def cpu_has_bf16() -> bool:
@@ -753,8 +762,9 @@ def parse_args(argv=None):
                    help="default: the run's own, else bidirectional")
     p.add_argument("--pooling", choices=["mean", "last"], default=None, help="default: the run's own, else mean")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "auto"], default="float32",
-                   help="weights dtype; auto: bfloat16 on CUDA, float32 on CPU (auto_dtype)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "auto"], default="auto",
+                   help="weights dtype; auto: bfloat16 on CUDA; on CPU bfloat16 for runs trained with "
+                        "--precision bf16 (on a CPU with bf16 units), else float32 (auto_dtype)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model's layers (Embedder.compile): pays off on large corpora only, "
                         "the compile takes tens of seconds on CPU (bench/bench_compile.py)")

@@ -238,6 +238,14 @@ def test_bf16_on_cpu_trains_and_stays_close_to_fp32(tmp_path):
     assert json.loads((bf16 / "meta.json").read_text())["precision"] == "bf16"
     adapter = load_file(str(bf16 / "adapter.safetensors"))
     assert all(v.dtype == torch.float32 for v in adapter.values())  # LoRA weights stay fp32
+    # evaluate.py --dtype auto (its default) scores a bf16-trained run in bf16 where the CPU has
+    # bf16 units, an fp32-trained one in fp32
+    import evaluate as E
+    args = E.argparse.Namespace(device="cpu", dtype="auto", attention=None, pooling=None, max_length=64,
+                                similarity="cosine", compile=False)
+    weights = lambda run: next(E.load_encoder(str(run), args)[0].model.parameters()).dtype  # noqa: E731
+    assert weights(fp32) == torch.float32
+    assert weights(bf16) == (torch.bfloat16 if E.cpu_has_bf16() else torch.float32)
 
 
 def test_resume_after_sigkill_is_exact(tmp_path):
