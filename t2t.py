@@ -1015,6 +1015,7 @@ def run_preset(name, argv, stops=None):
         print(f"STS Benchmark test, after stage {stage}: {scores[f'stage{stage}']:.4f}")
     print(f"\nSTS Benchmark (test, cosine Spearman): " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
           + f" ({time.time() - t0:.0f} s in all)")
+    print(f"all tasks, beside TF-IDF: python evaluate.py --model {root / 'stage1'} {root / 'stage2'} --baseline tfidf")
     return scores
 
 

@@ -266,6 +266,7 @@ class Stage1Steps:
         self.precision = t2t.resolve_precision(args.precision, self.device)
         torch.manual_seed(args.seed)  # as t2t.train_stage: the adapters' init
         quiet = lambda msg: None  # noqa: E731
+        t2t.embedding_flags(args, quiet)  # stage 1: bidirectional, mean unless given
         self.model, tok, self.params, _ = t2t.build_student(args, self.device, self.precision, quiet)
         self.emb = M.Embedder(self.model, tok, args.pooling, args.attention == "causal", args.max_length, args.prompt)
         texts, self.tgt_ids, self.tgt_w = t2t.stage1_targets(args, t2t.read_texts(args.data), tok, quiet)
