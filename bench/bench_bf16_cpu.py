@@ -42,22 +42,9 @@ SETTINGS = (("causal", "mean"), ("causal", "last"), ("bidirectional", "mean"))  
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def alternate(runs, repeats):
-    """{name: fn} run in turn `repeats` times (order reversed every other round) after one warm-up
-    each -> ({name: median seconds}, {name: last result})."""
-    out = {k: fn() for k, fn in runs.items()}
-    times = {k: [] for k in runs}
-    for i in range(repeats):
-        for k in list(runs) if i % 2 == 0 else list(runs)[::-1]:
-            t = time.perf_counter()
-            out[k] = runs[k]()
-            times[k].append(time.perf_counter() - t)
-    return {k: C.median(v) for k, v in times.items()}, out
-
-
 def encoding(model, texts, batch_size, max_length, repeats):
     embs = {k: M.Embedder.from_pretrained(model, "mean", "bidirectional", max_length, dtype=d) for k, d in DTYPES.items()}
-    med, out = alternate({k: (lambda e=e: e.encode(texts, batch_size)) for k, e in embs.items()}, repeats)
+    med, out = C.alternate({k: (lambda e=e: e.encode(texts, batch_size)) for k, e in embs.items()}, repeats)
     a, b = out["fp32"], out["bf16"]
     cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
     return {k: len(texts) / v for k, v in med.items()}, cos
@@ -100,7 +87,7 @@ def sdpa_step(dtype, cast, B=32, H=9, T=32, hd=64, repeats=20):
     def run():
         args = (q.float(), k.float(), v.float()) if cast else (q, k, v)
         F.scaled_dot_product_attention(*args, attn_mask=mask).to(dtype).sum().backward()
-    med, _ = alternate({"sdpa": run}, repeats)
+    med, _ = C.alternate({"sdpa": run}, repeats)
     return med["sdpa"] * 1e3
 
 

@@ -253,20 +253,14 @@ def encode_pair(folder, texts, dtype, batch_size, max_length, repeats, profile=F
     runs = {"ours": lambda: ours.encode(texts, batch_size=batch_size),
             "theirs": lambda: theirs.encode(texts, batch_size=batch_size, convert_to_numpy=True,
                                             show_progress_bar=False)}
-    out = {k: fn() for k, fn in runs.items()}  # warm-up
-    times = {k: [] for k in runs}
-    for i in range(repeats):
-        for k in list(runs) if i % 2 == 0 else list(runs)[::-1]:
-            t = time.perf_counter()
-            out[k] = runs[k]()
-            times[k].append(time.perf_counter() - t)
+    seconds, out = C.alternate(runs, repeats)
     if profile:
         for k in runs:
             profile_step(f"{k}, encode of {min(len(texts), batch_size)} texts",
                          lambda k=k: {"ours": ours, "theirs": theirs}[k].encode(texts[:batch_size], batch_size))
     a, b = out["ours"], np.asarray(out["theirs"], dtype=np.float32)
     cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
-    return {k: len(texts) / C.median(v) for k, v in times.items()}, cos
+    return {k: len(texts) / s for k, s in seconds.items()}, cos
 
 
 # -----------------------------------------------------------------------------

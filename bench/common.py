@@ -16,6 +16,7 @@ import platform
 import re
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -96,6 +97,19 @@ def report(title, headers, rows, notes=(), write=True):
 
 def median(xs):
     return statistics.median(xs)
+
+
+def alternate(runs, repeats):
+    """{name: fn} run in turn `repeats` times (order reversed every other round) after one warm-up
+    each -> ({name: median seconds}, {name: last result})."""
+    out = {k: fn() for k, fn in runs.items()}
+    times = {k: [] for k in runs}
+    for i in range(repeats):
+        for k in list(runs) if i % 2 == 0 else list(runs)[::-1]:
+            t = time.perf_counter()
+            out[k] = runs[k]()
+            times[k].append(time.perf_counter() - t)
+    return {k: median(v) for k, v in times.items()}, out
 
 
 def scifact_texts(n):
