@@ -35,6 +35,12 @@ BUNDLED_TASKS = {  # name -> (kind, path); the names are MTEB's task names
     "STSBenchmark": ("sts", ROOT / "data" / "stsbenchmark" / "sts-test.csv"),
     "SciFact": ("retrieval", ROOT / "data" / "scifact"),
 }
+# Dev sets for choosing settings during training (never the test splits above): STS Benchmark's dev
+# split, and 100 of SciFact's *train* queries against 400 documents (bench/make_retrieval_dev.py).
+DEV_TASKS = {
+    "STSBenchmarkDev": ("sts", ROOT / "data" / "stsbenchmark" / "sts-dev.csv"),
+    "SciFactDev": ("retrieval", ROOT / "data" / "scifact_dev"),
+}
 WIKI_SAMPLE = ROOT / "data" / "wiki1m_sample" / "wiki1m_for_simcse.head11913.txt"
 DEMO_RUNS = ("runs/demo/stage1", "runs/demo/stage2")  # relative to the cwd, like t2t.py's --out
 
@@ -269,15 +275,15 @@ def read_beir(folder, split="test") -> RetrievalData:
 
 def resolve_task(name_or_path):
     """A bundled task name or a path -> (task name, kind, path)."""
-    if name_or_path in BUNDLED_TASKS:
-        kind, path = BUNDLED_TASKS[name_or_path]
+    if name_or_path in BUNDLED_TASKS or name_or_path in DEV_TASKS:
+        kind, path = {**BUNDLED_TASKS, **DEV_TASKS}[name_or_path]
         return name_or_path, kind, path
     path = Path(name_or_path)
     if path.is_dir():
         return path.resolve().name, "retrieval", path
     if path.is_file():
         return path.stem, "sts", path
-    raise EvalError(f"task {name_or_path!r}: not a bundled task ({', '.join(BUNDLED_TASKS)}), "
+    raise EvalError(f"task {name_or_path!r}: not a bundled task ({', '.join([*BUNDLED_TASKS, *DEV_TASKS])}), "
                     f"an STS file or a BEIR folder")
 
 
@@ -472,11 +478,22 @@ def evaluate_retrieval(encoder, path_or_name, similarity="cosine", split="test",
 
 
 def evaluate_task(encoder, task, similarity="cosine", batch_size=32, ignore_identical_ids=False):
-    """One task by name or path: STS or retrieval, whichever it is."""
-    if resolve_task(task)[1] == "sts":
+    """One task by name or path: STS or retrieval, whichever it is. A BEIR folder is scored on its
+    `test` split, or on its only split when it has one (SciFactDev: `dev`)."""
+    name, kind, path = resolve_task(task)
+    if kind == "sts":
         return evaluate_sts(encoder, task, batch_size=batch_size)
-    return evaluate_retrieval(encoder, task, similarity, ignore_identical_ids=ignore_identical_ids,
-                              batch_size=batch_size)
+    return evaluate_retrieval(encoder, task, similarity, split=only_split(path),
+                              ignore_identical_ids=ignore_identical_ids, batch_size=batch_size)
+
+
+def only_split(folder) -> str:
+    """`test` if the BEIR folder has qrels/test.tsv, else its one qrels file's split."""
+    splits = sorted(f.stem for f in (Path(folder) / "qrels").glob("*.tsv"))
+    if "test" in splits or len(splits) != 1:
+        return "test"  # read_beir names the missing file when there is no test split
+    return splits[0]
+
 
 
 # -----------------------------------------------------------------------------

@@ -39,7 +39,6 @@ import targets as T
 ROOT = Path(__file__).resolve().parent
 DEFAULT_MODEL = ROOT / "data" / "models" / "stories260K"
 DEFAULT_DATA = ROOT / "data" / "wiki1m_sample" / "wiki1m_for_simcse.head11913.txt"
-STS_DEV = ROOT / "data" / "stsbenchmark" / "sts-dev.csv"  # for choosing steps; the test split stays unseen
 
 
 class TrainError(Exception):
@@ -139,7 +138,9 @@ def train_parser(p: argparse.ArgumentParser):
     a("--skip-nonfinite", type=int, default=0, help="skip up to N batches with a non-finite loss or gradient")
     a("--log-every", type=int, default=10, help="optimizer steps between metric lines")
     a("--eval-every", type=int, default=0, help="score --eval-data every N steps and at the end (0 = never)")
-    a("--eval-data", default=str(STS_DEV), help="STS file scored by --eval-every (cosine Spearman, logged)")
+    a("--eval-data", default="STSBenchmarkDev",
+      help="comma-separated dev tasks scored by --eval-every: STSBenchmarkDev (cosine Spearman), SciFactDev "
+           "(nDCG@10, SciFact's train queries), an STS file or a BEIR folder")
     a("--device", default="auto", help="auto, cpu, cuda, cuda:N")
 
 
@@ -797,6 +798,10 @@ def train_stage(args, argv, stops, lock):
     log = (lambda msg: print(msg, flush=True)) if rank == 0 else (lambda msg: None)
     if args.stage == 2 and not args.init:
         raise TrainError("--stage 2 needs --init RUN_DIR (the stage-1 run)")
+    if args.eval_every:
+        import evaluate as E  # only when asked: the loop itself needs no evaluator
+        for task in args.eval_data.split(","):
+            E.resolve_task(task)  # an unknown task fails now, not after the first eval_every steps
     if args.out is None:
         raise TrainError("--out DIR is required")
     precision = resolve_precision(args.precision, device)
@@ -942,9 +947,11 @@ def train_stage(args, argv, stops, lock):
                        elapsed_s=round(elapsed, 2))
         if rank == 0 and args.eval_every and (step % args.eval_every == 0 or step == total):
             import evaluate as E  # only when asked: the loop itself needs no evaluator
-            with autocast_ctx(precision, device):  # 16-bit base weights and fp32 adapters meet as in training
-                metrics["eval_spearman"] = round(E.evaluate_sts(emb, args.eval_data, batch_size=64)["cosine_spearman"], 6)
-            log(f"step {step}: {Path(args.eval_data).name} cosine Spearman {metrics['eval_spearman']:.4f}")
+            for task in args.eval_data.split(","):  # each dev task's main score, logged as eval_<task>
+                with autocast_ctx(precision, device):  # 16-bit base weights and fp32 adapters meet as in training
+                    score = E.evaluate_task(emb, task, batch_size=64)["main_score"]
+                metrics[f"eval_{E.resolve_task(task)[0]}"] = round(score, 6)
+                log(f"step {step}: {E.resolve_task(task)[0]} main score {score:.4f}")
         if rank == 0:
             append_metrics(mfile, metrics)
             eta = elapsed / max(1, step - start_step) * (total - step)
