@@ -575,9 +575,9 @@ def round_scores(scores, ndigits=6):
 
 
 def write_json(path, obj):
-    """Through model.write_atomic: a kill or a full disk leaves the old file or none, never half of
+    """Through files.write_atomic: a kill or a full disk leaves the old file or none, never half of
     one (a failed write is a WriteError naming the path and the cause)."""
-    from model import write_atomic  # model.py brings torch; the readers and metrics need only numpy
+    from files import write_atomic  # files.py brings safetensors; the readers and metrics need only numpy
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8"))
 
@@ -685,28 +685,28 @@ class MTEBAdapter:
 def load_encoder(path, args):
     """A run directory, an HF checkpoint folder or a GGUF file (or model name) -> (Embedder, model name,
     revision, meta fields)."""
-    import torch  # model.py brings torch; the readers and metrics above need only numpy
+    import torch  # checkpoints.py brings torch; the readers and metrics above need only numpy
 
-    import model
-    path = model.resolve_model(path)  # a model name (model.MODEL_NAMES) -> its GGUF file
-    if not (model.path_is(path, "dir") or model.is_gguf(path)):
+    import checkpoints
+    path = checkpoints.resolve_model(path)  # a model name (checkpoints.MODEL_NAMES) -> its GGUF file
+    if not (checkpoints.path_is(path, "dir") or checkpoints.is_gguf(path)):
         raise EvalError(f"--model {path}: not a directory or a GGUF file (a run directory, an HF checkpoint "
                         f"folder, a .gguf file or a model name)")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise EvalError(f"--device {args.device}: CUDA is not available here")
     dtype = getattr(torch, args.dtype) if args.dtype != "auto" else auto_dtype(args.device, trained_in_bf16(path) or None)
-    if model.is_run_dir(path):  # attention/pooling as trained, unless given as flags
-        emb = model.Embedder.from_run(path, device=args.device, dtype=dtype, attention=args.attention,
-                                      pooling=args.pooling, max_length=args.max_length)
+    if checkpoints.is_run_dir(path):  # attention/pooling as trained, unless given as flags
+        emb = checkpoints.embedder_from_run(path, device=args.device, dtype=dtype, attention=args.attention,
+                                            pooling=args.pooling, max_length=args.max_length)
         name = f"text2token/{path.resolve().name}"
     else:
-        emb = model.Embedder.from_pretrained(path, pooling=args.pooling or "mean",
-                                             attention=args.attention or "bidirectional",
-                                             max_length=args.max_length, device=args.device, dtype=dtype)
+        emb = checkpoints.embedder_from_pretrained(path, pooling=args.pooling or "mean",
+                                                   attention=args.attention or "bidirectional",
+                                                   max_length=args.max_length, device=args.device, dtype=dtype)
         name = f"local/{path.resolve().name}"  # mteb needs "organization/name"
     if args.compile:
         emb.compile()
-    revision = model.weights_sha256(path)
+    revision = checkpoints.weights_sha256(path)
     meta = dict(n_parameters=sum(p.numel() for p in emb.model.parameters()), embed_dim=emb.dim,
                 max_tokens=emb.max_length, similarity_fn_name=args.similarity)
     return emb, name, revision, meta
@@ -722,8 +722,8 @@ AUTO_BF16_ON_CPU = False
 def trained_in_bf16(path) -> bool:
     """Whether `path` is a run directory trained with bf16 autocast (meta.json's precision): --dtype
     auto then scores it with bf16 weights on a CPU with bf16 units, as training saw them."""
-    import model
-    return model.is_run_dir(path) and model.read_run_meta(path).get("precision") == "bf16"
+    import checkpoints
+    return checkpoints.is_run_dir(path) and checkpoints.read_run_meta(path).get("precision") == "bf16"
 
 
 def cpu_has_bf16() -> bool:

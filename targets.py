@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from model import write_atomic  # the one atomic writer (model.py needs nothing from here)
+from files import write_atomic  # the one atomic writer
 
 STOPWORDS_FILE = Path(__file__).resolve().parent / "data" / "stopwords_en.txt"
 EXTRA_STOPWORDS = ("!", ",", ".", "?")  # the authors add these to NLTK's list (step 1 removes them anyway)

@@ -25,7 +25,7 @@ authors' stage-1 mean-pooling script does not pass --enable_bidirectional), mean
   Both sides' targets are compared text by text (the share of texts with the same id set).
 (b) Encoding SciFact documents (title + text), ours (Embedder.encode) vs sentence-transformers
   (models.Transformer + models.Pooling(mean), SentenceTransformer.encode) on the same HF folder
-  (SmolLM2: our model written by model.save_hf), causal attention on our side (what AutoModel
+  (SmolLM2: our model written by checkpoints.save_hf), causal attention on our side (what AutoModel
   computes), the same dtype and batch size; texts/s (medians of runs alternating after a
   warm-up) and the per-text cosine of the two embeddings.
 
@@ -51,9 +51,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import checkpoints  # noqa: E402
 import common as C  # noqa: E402  (puts the repo root and tests/ on sys.path)
 
-import model as M  # noqa: E402
 import t2t  # noqa: E402
 import targets as T  # noqa: E402
 
@@ -65,11 +65,11 @@ R, ALPHA, DROPOUT, LR, BATCH, MAX_LENGTH = 16, 32, 0.05, 5e-5, 32, 128
 
 
 def hf_folder(name, tmp):
-    """'smollm2': our GGUF load written as an HF folder (model.save_hf); 'llama': BENCH_LLAMA, random,
+    """'smollm2': our GGUF load written as an HF folder (checkpoints.save_hf); 'llama': BENCH_LLAMA, random,
     Mistral tokenizer; 'stories260K': the bundled folder; anything else: an HF folder path."""
     if name == "smollm2":
-        model, _ = M.load("smollm2")
-        return M.save_hf(model, M.resolve_model("smollm2"), Path(tmp) / "smollm2", {})
+        model, _ = checkpoints.load("smollm2")
+        return checkpoints.save_hf(model, checkpoints.resolve_model("smollm2"), Path(tmp) / "smollm2", {})
     if name == "llama":
         from bench_encode import random_llama_with_mistral_tokenizer
         return random_llama_with_mistral_tokenizer(Path(tmp) / "llama")
@@ -218,7 +218,7 @@ def train_step(model, batch, vocab, precision, params, opt, sched):
 def target_agreement(folder, texts):
     """Share of texts whose target id set is the same on both sides (ours: targets.py)."""
     from transformers import AutoTokenizer
-    ours = M.load_tokenizer(folder)
+    ours = checkpoints.load_tokenizer(folder)
     tok = AutoTokenizer.from_pretrained(folder)
     tok.pad_token = tok.eos_token
     data = TheirDataset(texts, tok, bad_id_rule(tok))
@@ -248,7 +248,7 @@ def st_encoder(folder, dtype, max_length):
 
 
 def encode_pair(folder, texts, dtype, batch_size, max_length, repeats, profile=False):
-    ours = M.Embedder.from_pretrained(folder, "mean", "causal", max_length, dtype=dtype)
+    ours = checkpoints.embedder_from_pretrained(folder, "mean", "causal", max_length, dtype=dtype)
     theirs = st_encoder(folder, dtype, max_length)
     runs = {"ours": lambda: ours.encode(texts, batch_size=batch_size),
             "theirs": lambda: theirs.encode(texts, batch_size=batch_size, convert_to_numpy=True,

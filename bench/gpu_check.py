@@ -67,10 +67,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import checkpoints  # noqa: E402
 import common as C  # noqa: E402  (puts the repo root and tests/ on sys.path)
 
 import model as M  # noqa: E402
 import targets as T  # noqa: E402
+import tokenizer  # noqa: E402
 
 # Qwen2.5-0.5B's config.json values (hidden 896, 24 layers, 14/2 heads, ffn 4864, tied, V 151936)
 QWEN05 = dict(model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
@@ -456,7 +458,7 @@ def section_train_grouped(check):
     import t2t
     texts = t2t.read_texts(t2t.DEFAULT_DATA)
     with tempfile.TemporaryDirectory() as tmp:
-        tok = M.Tokenizer.from_dir(tokenizer_dir(check.qwen, tmp))
+        tok = tokenizer.Tokenizer.from_dir(tokenizer_dir(check.qwen, tmp))
     max_len = 128 if not check.dry else 32
     encoded = tok.encode(texts, max_length=max_len)
     lengths = [len(x) for x in encoded]
@@ -513,7 +515,7 @@ def section_encode(check):
     batch = 64 if not check.dry else 8
     with tempfile.TemporaryDirectory() as tmp:
         tdir = tokenizer_dir(check.qwen, tmp)
-        tok = M.Tokenizer.from_dir(tdir)
+        tok = tokenizer.Tokenizer.from_dir(tdir)
         hf_tok = AutoTokenizer.from_pretrained(tdir)
     if hf_tok.pad_token is None:
         hf_tok.pad_token = hf_tok.eos_token
@@ -563,13 +565,13 @@ def section_agreement(check):
     texts = C.scifact_texts(200 if not check.dry else 16)
     out = check.results.setdefault("bf16 vs fp32", {})
     # the bundled model, loaded in each dtype as a user would
-    e32 = M.Embedder.from_pretrained(C.STORIES, device=check.device, dtype=torch.float32, max_length=check.max_len)
-    e16 = M.Embedder.from_pretrained(C.STORIES, device=check.device, dtype=torch.bfloat16, max_length=check.max_len)
+    e32 = checkpoints.embedder_from_pretrained(C.STORIES, device=check.device, dtype=torch.float32, max_length=check.max_len)
+    e16 = checkpoints.embedder_from_pretrained(C.STORIES, device=check.device, dtype=torch.bfloat16, max_length=check.max_len)
     cos = cosines(e32.encode(texts), e16.encode(texts))
     out["stories260K"] = dict(min=float(cos.min()), mean=float(cos.mean()))
     # a random Qwen2.5-0.5B shape, N(0, 0.02), fp32 then the same weights cast to bf16
     with tempfile.TemporaryDirectory() as tmp:
-        tok = M.Tokenizer.from_dir(tokenizer_dir(check.qwen, tmp))
+        tok = tokenizer.Tokenizer.from_dir(tokenizer_dir(check.qwen, tmp))
     model = build_ours(check.qwen, check.device, torch.float32, seed=1).eval()
     emb = M.Embedder(model, tok, "mean", causal=False, max_length=check.max_len)
     h32 = emb.encode(texts)

@@ -22,10 +22,13 @@ from safetensors.torch import load_file, save_file
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import checkpoints  # noqa: E402
 import evaluate  # noqa: E402
+import files  # noqa: E402
 import model  # noqa: E402
 import t2t  # noqa: E402
 import targets  # noqa: E402
+import tokenizer  # noqa: E402
 
 STORIES = ROOT / "data" / "models" / "stories260K"
 WIKI = ROOT / "data" / "wiki1m_sample" / "wiki1m_for_simcse.head11913.txt"
@@ -164,18 +167,18 @@ def test_config_values_refused_with_the_key(ckpt, changes, needles):
     """Wrong types and sizes are named before any model is built: no torch error, no hang building
     a trillion layers on the meta device."""
     edit_json(ckpt / "config.json", **changes)
-    raises(model.ModelError, lambda: model.load(ckpt), ckpt / "config.json", *needles)
+    raises(model.ModelError, lambda: checkpoints.load(ckpt), ckpt / "config.json", *needles)
 
 
 def test_json_files_with_a_bom_read_and_bad_bytes_name_the_line(ckpt):
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
         (ckpt / name).write_bytes(codecs.BOM_UTF8 + (STORIES / name).read_bytes())
-    m, tok = model.load(ckpt)  # a BOM is dropped, as in every text file we read
+    m, tok = checkpoints.load(ckpt)  # a BOM is dropped, as in every text file we read
     assert tok.encode(["Lily"])[0][0] == 1
     (ckpt / "config.json").write_bytes(b'{\n"a": 1,\n"b": "\xff"}')
-    raises(model.ModelError, lambda: model.load(ckpt), f"{ckpt / 'config.json'}:3: not UTF-8")
+    raises(model.ModelError, lambda: checkpoints.load(ckpt), f"{ckpt / 'config.json'}:3: not UTF-8")
     (ckpt / "config.json").write_text("[1, 2]")
-    raises(model.ModelError, lambda: model.load(ckpt), "expected a JSON object at the top level, got list")
+    raises(model.ModelError, lambda: checkpoints.load(ckpt), "expected a JSON object at the top level, got list")
 
 
 @pytest.mark.parametrize("changes, what", [
@@ -185,27 +188,27 @@ def test_json_files_with_a_bom_read_and_bad_bytes_name_the_line(ckpt):
 ])
 def test_tokenizer_config_values_refused_with_the_key(ckpt, changes, what):
     edit_json(ckpt / "tokenizer_config.json", **changes)
-    raises(model.ModelError, lambda: model.Tokenizer.from_dir(ckpt), ckpt / "tokenizer_config.json", what)
+    raises(model.ModelError, lambda: tokenizer.Tokenizer.from_dir(ckpt), ckpt / "tokenizer_config.json", what)
 
 
 def test_safetensors_truncated_flipped_integer_duplicated(ckpt):
     weights = ckpt / "model.safetensors"
     good = weights.read_bytes()
     weights.write_bytes(good[: len(good) // 2])  # truncated in the data
-    raises(model.ModelError, lambda: model.load(ckpt), weights, "not a readable safetensors file")
+    raises(model.ModelError, lambda: checkpoints.load(ckpt), weights, "not a readable safetensors file")
     weights.write_bytes(good[:5])  # truncated in the length prefix
-    raises(model.ModelError, lambda: model.load(ckpt), weights, "not a readable safetensors file")
+    raises(model.ModelError, lambda: checkpoints.load(ckpt), weights, "not a readable safetensors file")
     header_len = int.from_bytes(good[:8], "little")
     flipped = bytearray(good)
     flipped[8 + header_len // 2] ^= 0x80  # a non-ASCII byte in the JSON header
     weights.write_bytes(bytes(flipped))
-    raises(model.ModelError, lambda: model.load(ckpt), weights, "not a readable safetensors file")
+    raises(model.ModelError, lambda: checkpoints.load(ckpt), weights, "not a readable safetensors file")
     weights.write_bytes(good)
     edit_tensor(weights, "model.norm.weight", lambda t: t.to(torch.int32))  # same shape, integer dtype
-    raises(model.ModelError, lambda: model.load(ckpt), weights, "'model.norm.weight' has dtype torch.int32")
+    raises(model.ModelError, lambda: checkpoints.load(ckpt), weights, "'model.norm.weight' has dtype torch.int32")
     weights.write_bytes(good)
     save_file({"model.norm.weight": torch.ones(64)}, str(ckpt / "extra.safetensors"))
-    raises(model.ModelError, lambda: model.load(ckpt), "'model.norm.weight' is also in")
+    raises(model.ModelError, lambda: checkpoints.load(ckpt), "'model.norm.weight' is also in")
 
 
 def test_index_names_only_files_beside_it(ckpt):
@@ -213,7 +216,7 @@ def test_index_names_only_files_beside_it(ckpt):
     keys = list(load_file(str(ckpt / "model.safetensors")))
     for name in ("../model.safetensors", "x" * 5000 + ".safetensors", "a\x00b", 7):
         index.write_text(json.dumps({"weight_map": {k: name for k in keys}}))
-        raises(model.ModelError, lambda: model.load(ckpt), index)
+        raises(model.ModelError, lambda: checkpoints.load(ckpt), index)
 
 
 # -----------------------------------------------------------------------------
@@ -244,15 +247,15 @@ def fresh_copy(run, tmp_path):
 def test_train_writes_format_version_and_load_checks_it(lora_run, tmp_path):
     meta = json.loads((lora_run / "meta.json").read_text())
     assert meta["format_version"] == model.RUN_FORMAT == 1
-    model.Embedder.from_run(lora_run)  # reads
+    checkpoints.embedder_from_run(lora_run)  # reads
     run = fresh_copy(lora_run, tmp_path)
     for value, what in [(2, "'format_version' is 2"), ("1", "'format_version' is '1'"), (None, "is None")]:
         edit_json(run / "meta.json", format_version=value)
-        raises(model.ModelError, lambda: model.load(run), run / "meta.json", what)
+        raises(model.ModelError, lambda: checkpoints.load(run), run / "meta.json", what)
     del meta["format_version"]
     (run / "meta.json").write_text(json.dumps(meta))
-    raises(model.ModelError, lambda: model.Embedder.from_run(run), run / "meta.json", "missing key 'format_version'")
-    raises(model.ModelError, lambda: model.base_checkpoint_dir(run), "missing key 'format_version'")
+    raises(model.ModelError, lambda: checkpoints.embedder_from_run(run), run / "meta.json", "missing key 'format_version'")
+    raises(model.ModelError, lambda: checkpoints.base_checkpoint_dir(run), "missing key 'format_version'")
 
 
 @pytest.mark.parametrize("changes, what", [
@@ -273,7 +276,7 @@ def test_train_writes_format_version_and_load_checks_it(lora_run, tmp_path):
 def test_meta_keys_refused_with_the_key(lora_run, tmp_path, changes, what):
     run = fresh_copy(lora_run, tmp_path)
     edit_json(run / "meta.json", **changes)
-    raises(model.ModelError, lambda: model.Embedder.from_run(run), run / "meta.json", what)
+    raises(model.ModelError, lambda: checkpoints.embedder_from_run(run), run / "meta.json", what)
 
 
 def test_runs_that_name_each_other_are_refused(lora_run, tmp_path):
@@ -281,7 +284,7 @@ def test_runs_that_name_each_other_are_refused(lora_run, tmp_path):
     shutil.copytree(lora_run, b)
     edit_json(a / "meta.json", init=str(b))
     edit_json(b / "meta.json", init=str(a))
-    raises(model.ModelError, lambda: model.load(a), "form a loop")
+    raises(model.ModelError, lambda: checkpoints.load(a), "form a loop")
 
 
 def test_resume_of_a_run_from_another_version_is_refused(lora_run, tmp_path):
@@ -307,7 +310,7 @@ def test_targets_outside_the_vocabulary_refused(tmp_path):
 
 
 def test_targets_header_must_be_an_object(tmp_path):
-    ids, w, _ = targets.precompute_data_driven(["cats purr", "dogs bark"], model.Tokenizer.from_dir(STORIES), 16, 4)
+    ids, w, _ = targets.precompute_data_driven(["cats purr", "dogs bark"], tokenizer.Tokenizer.from_dir(STORIES), 16, 4)
     path = tmp_path / "t.safetensors"
     save_file({"ids": ids, "weights": w}, str(path), metadata={"text2token": "[1, 2]"})
     raises(targets.TargetsError, lambda: targets.load_targets(path), path, "must be a JSON object, got list")
@@ -322,29 +325,29 @@ def test_targets_header_must_be_an_object(tmp_path):
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_nonfinite_weight_refused_at_load(ckpt, bad):
     edit_tensor(ckpt / "model.safetensors", "model.layers.3.mlp.down_proj.weight", lambda t: t.index_fill_(0, torch.tensor([7]), bad))
-    raises(model.ModelError, lambda: model.load(ckpt), ckpt / "model.safetensors",
+    raises(model.ModelError, lambda: checkpoints.load(ckpt), ckpt / "model.safetensors",
            "'model.layers.3.mlp.down_proj.weight' holds NaN or infinite values")
 
 
 def test_weight_that_overflows_the_load_dtype_refused(ckpt):
     edit_tensor(ckpt / "model.safetensors", "model.norm.weight", lambda t: t.index_fill_(0, torch.tensor([0]), 1e6))
-    assert model.load(ckpt, dtype=torch.float32)  # finite in fp32
-    raises(model.ModelError, lambda: model.load(ckpt, dtype=torch.float16), "'model.norm.weight' holds values too "
+    assert checkpoints.load(ckpt, dtype=torch.float32)  # finite in fp32
+    raises(model.ModelError, lambda: checkpoints.load(ckpt, dtype=torch.float16), "'model.norm.weight' holds values too "
            "large for torch.float16")
 
 
 def test_nonfinite_run_weights_refused(lora_run, tmp_path, capsys):
     run = fresh_copy(lora_run, tmp_path)
-    (run / model.MANIFEST).unlink()  # its checksums would refuse any edit; without it the values are still checked
+    (run / files.MANIFEST).unlink()  # its checksums would refuse any edit; without it the values are still checked
     key = next(k for k in load_file(str(run / "adapter.safetensors")) if "lora_B" in k)
     edit_tensor(run / "adapter.safetensors", key, lambda t: t.fill_(float("nan")))
-    raises(model.ModelError, lambda: model.load(run), run / "adapter.safetensors", f"{key!r} holds NaN")
+    raises(model.ModelError, lambda: checkpoints.load(run), run / "adapter.safetensors", f"{key!r} holds NaN")
     full = tmp_path / "full"
     full.mkdir()
     (full / "meta.json").write_text(json.dumps({"format_version": 1, "base_model": str(STORIES), "lora": None}))
     shutil.copy(STORIES / "model.safetensors", full / "model.safetensors")
     edit_tensor(full / "model.safetensors", "model.norm.weight", lambda t: t.fill_(float("inf")))
-    raises(model.ModelError, lambda: model.load(full), full / "model.safetensors", "'model.norm.weight' holds")
+    raises(model.ModelError, lambda: checkpoints.load(full), full / "model.safetensors", "'model.norm.weight' holds")
 
 
 def test_nonfinite_targets_refused(tmp_path):
@@ -396,7 +399,7 @@ def overflowing_head(ckpt):
 
 
 def test_lm_head_that_overflows_is_named(overflowing_head, tmp_path, capsys):
-    emb = model.Embedder.from_pretrained(overflowing_head)
+    emb = checkpoints.embedder_from_pretrained(overflowing_head)
     texts = ["Lily saw a ball.", "A dog ran."]
     raises(targets.TargetsError, lambda: targets.background_logits(emb, texts), "background logits", "text 0",
            "NaN or infinite")

@@ -26,6 +26,7 @@ from torch._dynamo.utils import counters
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import checkpoints  # noqa: E402
 import model as M  # noqa: E402
 import t2t  # noqa: E402
 from test_runs import assert_same_run, baseline, common_flags, run_and_crash  # noqa: E402
@@ -103,7 +104,7 @@ def test_inductor_matches_eager_forward_backward_and_encoding(causal):
         with torch.no_grad(), M.lora_enabled(eager, False), M.lora_enabled(compiled, False):  # the teacher
             torch.testing.assert_close(compiled(ids, mask, causal), eager(ids, mask, causal), atol=1e-5, rtol=1e-5)
     # encoding (eval, no_grad, length-sorted batches of every T): the same embeddings
-    tok = M.load_tokenizer(ROOT / "data" / "models" / "stories260K")
+    tok = checkpoints.load_tokenizer(ROOT / "data" / "models" / "stories260K")
     texts = [line for line in (ROOT / "data" / "stsbenchmark" / "sts-dev.csv").read_text().splitlines()[:40]]
     a = M.Embedder(eager, tok, causal=causal, max_length=64).encode(texts, batch_size=8)
     b = M.Embedder(compiled, tok, causal=causal, max_length=64).compile().encode(texts, batch_size=8)
@@ -126,7 +127,7 @@ def test_graphs_stay_few_across_shapes_teacher_and_eval():
     # training: layer 0 (its input needs no gradient), layers 1.. (theirs do); teacher: one more
     assert counts[1] == counts[-1] <= 3, counts
     assert counters["stats"]["calls_captured"] > 0 and not counters["graph_break"], dict(counters["graph_break"])
-    tok = M.load_tokenizer(ROOT / "data" / "models" / "stories260K")
+    tok = checkpoints.load_tokenizer(ROOT / "data" / "models" / "stories260K")
     texts = (ROOT / "data" / "stsbenchmark" / "sts-dev.csv").read_text().splitlines()[:50]
     emb = M.Embedder(model, tok, max_length=48)
     emb.encode(texts, batch_size=8)  # 7 batches, each its own T, the last of 2 texts

@@ -29,10 +29,12 @@ from hypothesis import strategies as st  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import checkpoints  # noqa: E402
 import evaluate  # noqa: E402
 import model  # noqa: E402
 import t2t  # noqa: E402
 import targets  # noqa: E402
+import tokenizer  # noqa: E402
 
 STORIES = ROOT / "data" / "models" / "stories260K"
 STS_TEST = ROOT / "data" / "stsbenchmark" / "sts-test.csv"
@@ -154,7 +156,7 @@ def make_sharded(src, dst):
     dst.mkdir()
     for f in ("config.json", "tokenizer.json", "tokenizer_config.json"):
         shutil.copy(src / f, dst / f)
-    state = {k: t for k, t in model.read_tensors(src / "model.safetensors")}
+    state = {k: t for k, t in checkpoints.read_tensors(src / "model.safetensors")}
     keys = sorted(state)
     names = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
     halves = [keys[: len(keys) // 2], keys[len(keys) // 2:]]
@@ -167,14 +169,14 @@ def make_sharded(src, dst):
 def make_lora_run(base, dst):
     """A LoRA run directory as t2t.py train writes one (meta.json + adapter.safetensors)."""
     dst.mkdir()
-    m, _ = model.load(base)
+    m, _ = checkpoints.load(base)
     torch.manual_seed(0)
     model.add_lora(m, r=2, alpha=4, dropout=0.0, targets=["q_proj", "v_proj"])
     for name, p in m.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.1)
-    model.save_lora(m, dst / "adapter.safetensors")
-    meta = {"format_version": model.RUN_FORMAT, "stage": 1, "args": {"lr": 5e-5}, "seed": 0,
+    checkpoints.save_lora(m, dst / "adapter.safetensors")
+    meta = {"format_version": checkpoints.RUN_FORMAT, "stage": 1, "args": {"lr": 5e-5}, "seed": 0,
             "base_model": str(base), "base_model_given": str(base), "init": None,
             "lora": {"r": 2, "alpha": 4.0, "targets": ["q_proj", "v_proj"]},
             "embedding": {"attention": "bidirectional", "pooling": "mean", "prompt": None, "max_length": 32}}
@@ -197,11 +199,11 @@ def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("fuzz")
     ckpt = root / "ckpt"
     shutil.copytree(STORIES, ckpt)
-    (ckpt / model.SETTINGS_FILE).write_text(json.dumps({"attention": "causal", "pooling": "last", "max_length": 64,
+    (ckpt / checkpoints.SETTINGS_FILE).write_text(json.dumps({"attention": "causal", "pooling": "last", "max_length": 64,
                                                         "prompt": model.PROMPT_EOL}))
     make_sharded(STORIES, root / "sharded")
     make_lora_run(ckpt, root / "run")
-    tok = model.Tokenizer.from_dir(STORIES)
+    tok = tokenizer.Tokenizer.from_dir(STORIES)
     texts = STS_TEST.read_text(encoding="utf-8").splitlines()[:6]
     ids, w, _ = targets.precompute_data_driven([t.split("\t")[5] for t in texts], tok, 32, k=8)
     targets.save_targets(root / "targets.safetensors", ids, w, {"kind": "data-driven", "k": 8})
@@ -235,7 +237,7 @@ def check_tokenizer(tok):
 
 
 def read_tokenizer(root):
-    tok = model.Tokenizer.from_dir(root / "ckpt")
+    tok = tokenizer.Tokenizer.from_dir(root / "ckpt")
     tok.encode_with_prompt(SAMPLES, model.PROMPT_EOL, 40)  # the prompt's text-cutting loop too
     return tok
 
@@ -262,22 +264,22 @@ def check_texts(texts):
 
 # name: (file to mutate, kind, reader(root) -> value, invariant(value), expected error, cost)
 READERS = {
-    "config.json": ("ckpt/config.json", "json", lambda r: model.load(r / "ckpt"), check_model, model.ModelError,
+    "config.json": ("ckpt/config.json", "json", lambda r: checkpoints.load(r / "ckpt"), check_model, model.ModelError,
                     "costly"),
     "tokenizer.json": ("ckpt/tokenizer.json", "json", read_tokenizer, check_tokenizer, model.ModelError, "cheap"),
     "tokenizer_config.json": ("ckpt/tokenizer_config.json", "json", read_tokenizer, check_tokenizer,
                               model.ModelError, "cheap"),
-    "text2token.json": ("ckpt/text2token.json", "json", lambda r: model.Embedder.from_pretrained(r / "ckpt"),
+    "text2token.json": ("ckpt/text2token.json", "json", lambda r: checkpoints.embedder_from_pretrained(r / "ckpt"),
                         check_model, model.ModelError, "costly"),
-    "model.safetensors": ("ckpt/model.safetensors", "safetensors", lambda r: model.load(r / "ckpt"), check_model,
+    "model.safetensors": ("ckpt/model.safetensors", "safetensors", lambda r: checkpoints.load(r / "ckpt"), check_model,
                           model.ModelError, "costly"),
     "model.safetensors.index.json": ("sharded/model.safetensors.index.json", "json",
-                                     lambda r: model.load(r / "sharded"), check_model, model.ModelError, "costly"),
+                                     lambda r: checkpoints.load(r / "sharded"), check_model, model.ModelError, "costly"),
     "shard (model-00001-of-00002)": ("sharded/model-00001-of-00002.safetensors", "safetensors",
-                                     lambda r: model.load(r / "sharded"), check_model, model.ModelError, "costly"),
-    "run meta.json": ("run/meta.json", "json", lambda r: model.Embedder.from_run(r / "run"), check_model,
+                                     lambda r: checkpoints.load(r / "sharded"), check_model, model.ModelError, "costly"),
+    "run meta.json": ("run/meta.json", "json", lambda r: checkpoints.embedder_from_run(r / "run"), check_model,
                       model.ModelError, "costly"),
-    "run adapter.safetensors": ("run/adapter.safetensors", "safetensors", lambda r: model.load(r / "run"),
+    "run adapter.safetensors": ("run/adapter.safetensors", "safetensors", lambda r: checkpoints.load(r / "run"),
                                 check_model, model.ModelError, "costly"),
     "targets.safetensors": ("targets.safetensors", "safetensors",
                             lambda r: targets.load_targets(r / "targets.safetensors"), check_targets,

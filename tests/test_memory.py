@@ -17,6 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import checkpoints  # noqa: E402
 import model as M  # noqa: E402
 import t2t  # noqa: E402
 
@@ -26,7 +27,7 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1")
 
 
 def random_llama(path, dim=64, layers=2, vocab=512, ffn=None, max_shard_bytes=5 * 2**30, seed=0):
-    """A random Llama checkpoint folder written by model.save_hf (stories260K's tokenizer)."""
+    """A random Llama checkpoint folder written by checkpoints.save_hf (stories260K's tokenizer)."""
     cfg = json.loads((STORIES / "config.json").read_text()) | dict(
         hidden_size=dim, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
         intermediate_size=ffn or 2 * dim, tie_word_embeddings=False, head_dim=dim // 4, vocab_size=vocab)
@@ -35,7 +36,7 @@ def random_llama(path, dim=64, layers=2, vocab=512, ffn=None, max_shard_bytes=5 
     with torch.no_grad():
         for p in m.parameters():
             p.normal_(0, 0.05)
-    M.save_hf(m, STORIES, path, {}, max_shard_bytes=max_shard_bytes)
+    checkpoints.save_hf(m, STORIES, path, {}, max_shard_bytes=max_shard_bytes)
     (Path(path) / "config.json").write_text(json.dumps(cfg))
     return Path(path)
 
@@ -130,7 +131,7 @@ def test_training_step_never_builds_logits_for_every_token(tmp_path):
     assert any(len(s) == 3 and s[1] == 32 for _, s in rec.seen)  # and [B, T=32, D] hidden states
     assert full_vocab_per_token(rec.seen, V, B, D) == []
     # the control: the LM head applied to every token's hidden state is caught
-    model, tok = M.load(base)
+    model, tok = checkpoints.load(base)
     ids, mask = tok.batch(WIKI.read_text().splitlines()[:B], max_length=32)
     bad = ShapeRecorder()
     with bad:

@@ -1,6 +1,6 @@
 """Runs that survive preemption, damaged checkpoints, a full disk and a second writer: a stop
 signal ends training after the current step with a checkpoint and the command that continues it
-(exactly); checkpoints and final weights carry manifests that --resume and model.load check; a
+(exactly); checkpoints and final weights carry manifests that --resume and checkpoints.load check; a
 failed write removes its temporary file and names the last good checkpoint (a real file-size
 limit, not a mock); one flock per run directory, released by the kernel when its holder dies.
 
@@ -25,8 +25,11 @@ from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import checkpoints  # noqa: E402
 import evaluate as E  # noqa: E402
+import files  # noqa: E402
 import model as M  # noqa: E402
+import runs  # noqa: E402
 import t2t  # noqa: E402
 import targets as T  # noqa: E402
 from test_train import ENV, WIKI, corpus, losses, parse, tiny_llama  # noqa: E402
@@ -174,7 +177,7 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_and_resume_is_exact(tmp_
     assert "Traceback" not in log
     step = metric_lines(out)  # the step in flight finished and was logged; none after it
     assert 3 <= step < STEPS and f"stopped by SIGTERM after step {step} of {STEPS}" in log
-    M.check_manifest(out / "checkpoints" / f"step-{step}", ["adapter.safetensors", "state.pt"])
+    files.check_manifest(out / "checkpoints" / f"step-{step}", ["adapter.safetensors", "state.pt"])
     assert not (out / "adapter.safetensors").exists() and no_temporary_files(out)
     # the command it printed continues the run, exactly
     command = continue_command(log)
@@ -189,7 +192,7 @@ HOOKED_CLI = """
 import os, signal, sys
 sys.path.insert(0, sys.argv.pop(1))
 import t2t, targets
-calls, real_loss, real_save = [0], targets.kl_loss, t2t.torch_save
+calls, real_loss, real_save = [0], targets.kl_loss, runs.torch_save
 
 def loss(*a):  # SIGTERM during step 5
     calls[0] += 1
@@ -201,7 +204,7 @@ def save(obj, path):  # a second signal while the checkpoint's state.pt is being
     os.kill(os.getpid(), signal.SIGINT)
     real_save(obj, path)
 
-targets.kl_loss, t2t.torch_save = loss, save
+targets.kl_loss, runs.torch_save = loss, save
 t2t.cli()
 """
 
@@ -215,8 +218,8 @@ def test_a_second_signal_while_saving_leaves_an_intact_checkpoint(tmp_path):
     assert r.returncode == 143, r.stderr  # the first signal's status
     assert "SIGINT: already stopping" in r.stderr and "stopped by SIGTERM after step 5 of 12" in r.stderr
     assert "Traceback" not in r.stderr
-    assert [d.name for d in t2t.checkpoint_dirs(out)] == ["step-5"] and no_temporary_files(out)
-    M.check_manifest(out / "checkpoints" / "step-5", ["adapter.safetensors", "state.pt"])
+    assert [d.name for d in runs.checkpoint_dirs(out)] == ["step-5"] and no_temporary_files(out)
+    files.check_manifest(out / "checkpoints" / "step-5", ["adapter.safetensors", "state.pt"])
     resumed = t2t.train(parse(common + ["--out", out, "--resume"]))
     assert_same_run(baseline(common + ["--out", tmp_path / "full"]), resumed)
 
@@ -250,8 +253,8 @@ def test_ranks_stop_after_the_same_step(tmp_path, launched):
     step = metric_lines(out)
     assert f"stopped by SIGUSR1 after step {step} of 12" in log0 and "stopped by" not in log1
     assert "torchrun --nproc_per_node 2" in continue_command(log0)
-    assert [d.name for d in t2t.checkpoint_dirs(out)] == [f"step-{step}"]
-    M.check_manifest(out / "checkpoints" / f"step-{step}", ["model.safetensors", "state.pt"])
+    assert [d.name for d in runs.checkpoint_dirs(out)] == [f"step-{step}"]
+    files.check_manifest(out / "checkpoints" / f"step-{step}", ["model.safetensors", "state.pt"])
     resumed = start_ranks(launched, common + ["--batch-size", 4, "--out", out, "--resume"], tmp_path, "resume")
     assert [p.wait(timeout=300) for p in resumed] == [0, 0], (tmp_path / "resume0.log").read_text()[-2000:]
     # as test_gloo_two_processes_match_one_process: all-reduce order moves weights by rounding only
@@ -295,7 +298,7 @@ def test_write_atomic_leaves_nothing_when_stopped_mid_write(tmp_path):
         raise t2t.Stopped(signal.SIGTERM)
 
     with pytest.raises(t2t.Stopped):
-        M.write_atomic(path, stopped)
+        files.write_atomic(path, stopped)
     assert path.read_bytes() == b"the old file" and os.listdir(tmp_path) == ["weights.safetensors"]
 
 
@@ -308,7 +311,7 @@ def test_resume_skips_damaged_checkpoints_with_one_warning_each(tmp_path, monkey
     common = common_flags(model, data, steps=12) + ["--save-every", 2, "--keep-last", 3]
     full, out = run_and_crash(tmp_path, monkeypatch, common, 8)
     ckpts = out / "checkpoints"
-    assert [d.name for d in t2t.list_checkpoints(out)] == ["step-2", "step-4", "step-6"]
+    assert [d.name for d in runs.list_checkpoints(out)] == ["step-2", "step-4", "step-6"]
     damage(ckpts / "step-6" / "adapter.safetensors", "truncated")
     damage(ckpts / "step-4" / "state.pt", "altered")
     capsys.readouterr()
@@ -327,7 +330,7 @@ def test_a_checkpoint_is_intact_only_as_its_manifest_says(tmp_path, how, capsys)
     model, data = tiny_llama(tmp_path), corpus(tmp_path, 32)
     out = t2t.train(parse(common_flags(model, data, steps=4) + ["--save-every", 2, "--out", tmp_path / "run"]))
     step2 = out / "checkpoints" / "step-2"
-    assert t2t.newest_intact_checkpoint(out, True, print) == step2
+    assert runs.newest_intact_checkpoint(out, True, print) == step2
     broken = {"no manifest": step2 / "manifest.json", "a file missing": step2 / "state.pt",
               "altered": step2 / "adapter.safetensors"}[how]
     if how == "altered":
@@ -336,7 +339,7 @@ def test_a_checkpoint_is_intact_only_as_its_manifest_says(tmp_path, how, capsys)
         broken.unlink()
     capsys.readouterr()
     with pytest.raises(t2t.TrainError, match="none of the 1 checkpoint"):
-        t2t.newest_intact_checkpoint(out, True, print)
+        runs.newest_intact_checkpoint(out, True, print)
     warning = capsys.readouterr().out.strip()
     assert warning.startswith("WARNING:") and str(broken) in warning and len(warning.splitlines()) == 1
 
@@ -352,7 +355,7 @@ def test_keep_last_never_deletes_the_last_intact_checkpoint(tmp_path, monkeypatc
     with pytest.raises(Crash):
         t2t.train(parse(common + ["--out", out, "--resume", "--save-every", 1, "--keep-last", 1]))
     monkeypatch.undo()
-    assert [d.name for d in t2t.list_checkpoints(out)] == ["step-4", "step-6"]
+    assert [d.name for d in runs.list_checkpoints(out)] == ["step-4", "step-6"]
     resumed = t2t.train(parse(common + ["--out", out, "--resume"]))
     assert_same_run(full, resumed)
 
@@ -362,15 +365,15 @@ def test_final_weights_are_checked_when_a_run_is_loaded(tmp_path, capsys):
     run = t2t.train(parse(["--data", data, "--out", tmp_path / "run", "--batch-size", 8, "--max-steps", 2,
                            "--lora-r", 4]))
     assert set(json.loads((run / "manifest.json").read_text())["files"]) == {"adapter.safetensors"}
-    M.load(run)
+    checkpoints.load(run)
     adapter = run / "adapter.safetensors"
     good = adapter.read_bytes()
     for how in ("altered", "truncated"):
         damage(adapter, how)
         with pytest.raises(M.ModelError, match=f"{adapter}: .*{how}"):
-            M.load(run)
+            checkpoints.load(run)
         with pytest.raises(M.ModelError, match=str(adapter)):
-            M.Embedder.from_run(run)
+            checkpoints.embedder_from_run(run)
         with pytest.raises(M.ModelError, match=str(adapter)):
             t2t.main(["export", "--model", str(run), "--out", str(tmp_path / f"hf-{how}")])
         with pytest.raises(SystemExit) as exit_:
@@ -380,7 +383,7 @@ def test_final_weights_are_checked_when_a_run_is_loaded(tmp_path, capsys):
     # a run written before manifests loads, after one WARNING line
     (run / "manifest.json").unlink()
     capsys.readouterr()
-    M.load(run)
+    checkpoints.load(run)
     assert capsys.readouterr().err.count("WARNING:") == 1
 
 
@@ -391,7 +394,7 @@ def test_stage2_background_is_in_the_manifest_and_recomputed_when_damaged(tmp_pa
     argv = ["--stage", "2", "--init", s1, "--data", data, "--out", tmp_path / "s2", "--batch-size", 8, "--max-steps",
             1, "--lora-r", 0, "--precision", "fp32", "--tau", 0.1]
     s2 = t2t.train(parse(argv))
-    M.check_manifest(s2, ["model.safetensors", "background.safetensors"])
+    files.check_manifest(s2, ["model.safetensors", "background.safetensors"])
     cache = s2 / "background.safetensors"
     good = cache.read_bytes()
     damage(cache, "altered")
@@ -400,7 +403,7 @@ def test_stage2_background_is_in_the_manifest_and_recomputed_when_damaged(tmp_pa
     warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("WARNING:")]
     assert len(warnings) == 1 and str(cache) in warnings[0] and "computed again" in warnings[0]
     assert cache.read_bytes() == good
-    M.check_manifest(s2, ["model.safetensors", "background.safetensors"])
+    files.check_manifest(s2, ["model.safetensors", "background.safetensors"])
 
 
 # -----------------------------------------------------------------------------
@@ -423,8 +426,8 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_last_good_one(tmp_path, monke
     assert len(error) == 1 and "Traceback" not in r.stderr
     assert str(out / "checkpoints" / ".tmp-step-9" / "state.pt") in error[0] and "File too large [EFBIG]" in error[0]
     assert f"last good checkpoint: {step6}" in error[0]
-    assert [d.name for d in t2t.checkpoint_dirs(out)] == ["step-3", "step-6"] and no_temporary_files(out)
-    M.check_manifest(step6, ["adapter.safetensors", "state.pt"])
+    assert [d.name for d in runs.checkpoint_dirs(out)] == ["step-3", "step-6"] and no_temporary_files(out)
+    files.check_manifest(step6, ["adapter.safetensors", "state.pt"])
     resumed = t2t.train(parse(common + ["--out", out, "--resume"]))  # the disk has room again
     assert_same_run(full, resumed)
 
@@ -432,18 +435,18 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_last_good_one(tmp_path, monke
 def test_a_full_disk_leaves_no_temporary_file_in_any_writer(tmp_path):
     path = tmp_path / "old.json"
     path.write_text("{}")
-    with file_size_limit(4), pytest.raises(M.WriteError, match=f"{path}: cannot be written .*EFBIG"):
-        M.write_atomic(path, lambda tmp: tmp.write_text("a longer text"))
+    with file_size_limit(4), pytest.raises(files.WriteError, match=f"{path}: cannot be written .*EFBIG"):
+        files.write_atomic(path, lambda tmp: tmp.write_text("a longer text"))
     assert path.read_text() == "{}"
     ids, w = torch.tensor([[1, 2]], dtype=torch.int32), torch.tensor([[0.5, 0.5]])
-    with file_size_limit(64), pytest.raises(M.WriteError, match="targets.safetensors: cannot be written"):
+    with file_size_limit(64), pytest.raises(files.WriteError, match="targets.safetensors: cannot be written"):
         T.save_targets(tmp_path / "targets.safetensors", ids, w, {"kind": "data-driven"})
     scores = {"main_score": 0.5, "cosine_spearman": 0.5}
-    with file_size_limit(64), pytest.raises(M.WriteError, match="STSBenchmark.json: cannot be written"):
+    with file_size_limit(64), pytest.raises(files.WriteError, match="STSBenchmark.json: cannot be written"):
         E.write_mteb_result("STSBenchmark", scores, tmp_path / "results", "local/x", "abc")
     run = t2t.train(parse(["--data", corpus(tmp_path, 16), "--out", tmp_path / "run", "--batch-size", 8,
                            "--max-steps", 1, "--lora-r", 4]))
-    with file_size_limit(4096), pytest.raises(M.WriteError, match="model.safetensors: cannot be written"):
+    with file_size_limit(4096), pytest.raises(files.WriteError, match="model.safetensors: cannot be written"):
         t2t.main(["export", "--model", str(run), "--out", str(tmp_path / "hf")])
     assert path.read_text() == "{}" and no_temporary_files(tmp_path)
     assert not (tmp_path / "targets.safetensors").exists() and not (tmp_path / "hf" / "model.safetensors").exists()

@@ -22,9 +22,11 @@ from tokenizers import Tokenizer as HFTokenizer
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
 sys.path.insert(0, str(ROOT))
+import checkpoints  # noqa: E402
 import evaluate  # noqa: E402
 import model  # noqa: E402
 import targets  # noqa: E402
+import tokenizer  # noqa: E402
 
 STORIES = ROOT / "data" / "models" / "stories260K"
 MISTRAL = TESTS / "fixtures" / "configs" / "Mistral-7B-Instruct-v0.2"
@@ -46,7 +48,7 @@ def spelled(plain: HFTokenizer, text: str) -> list[int]:
 
 @pytest.mark.parametrize("folder", [STORIES, MISTRAL], ids=["stories260K", "Mistral-7B-Instruct-v0.2"])
 def test_special_tokens_in_text_are_text(folder):
-    tok = model.Tokenizer.from_dir(folder)
+    tok = tokenizer.Tokenizer.from_dir(folder)
     plain = without_added_tokens(folder / "tokenizer.json")
     assert tok.special_ids == {0, 1, 2} and (tok.bos_id, tok.eos_id) == (1, 2)  # <unk> <s> </s>, as before
     for text in POISONED:
@@ -78,7 +80,7 @@ QWEN_PIECES = {"<|endoftext|>": ["<", "|", "endo", "ft", "ext", "|", ">"],
 
 def test_qwen_special_tokens_in_text_are_text(qwen):
     hf, folder = qwen
-    tok = model.Tokenizer.from_dir(folder)
+    tok = tokenizer.Tokenizer.from_dir(folder)
     assert {151643, 151644, 151645} <= tok.special_ids  # <|endoftext|> <|im_start|> <|im_end|>
     assert (tok.eos_id, tok.pad_id) == (151645, 151643)
     vocab = json.loads((QWEN / "vocab.json").read_text(encoding="utf-8"))
@@ -92,7 +94,7 @@ def test_qwen_special_tokens_in_text_are_text(qwen):
 
 
 def test_prompt_and_embedder_input_keep_special_text_as_text():
-    m, tok = model.load(STORIES)
+    m, tok = checkpoints.load(STORIES)
     plain = without_added_tokens(STORIES / "tokenizer.json")
     last = model.Embedder(m, tok, "last")  # the PromptEOL prompt
     text = "Lily said </s> and <s> then <unk>"
@@ -109,7 +111,7 @@ def test_prompt_and_embedder_input_keep_special_text_as_text():
 
 def test_evaluation_feeds_special_text_as_text(tmp_path, monkeypatch):
     """evaluate.py -> Embedder.encode -> encode_with_prompt: no control token reaches the model."""
-    m, tok = model.load(STORIES)
+    m, tok = checkpoints.load(STORIES)
     emb = model.Embedder(m, tok, "mean", max_length=64)
     seen, real_encode = [], tok.encode_with_prompt
 
@@ -135,8 +137,8 @@ def test_stage1_target_of_a_text_that_spells_a_special_token():
     spec["added_tokens"].append({"id": 512, "content": "Lily", "single_word": False, "lstrip": False,
                                  "rstrip": False, "normalized": False, "special": True})
     config = {"bos_token": "<s>", "eos_token": "</s>"}
-    special = model.Tokenizer(HFTokenizer.from_str(json.dumps(spec)), config, where="Lily-special")
-    ordinary = model.Tokenizer.from_dir(STORIES)
+    special = tokenizer.Tokenizer(HFTokenizer.from_str(json.dumps(spec)), config, where="Lily-special")
+    ordinary = tokenizer.Tokenizer.from_dir(STORIES)
     assert 512 in special.special_ids
     for text in ["Lily saw a big red ball.", "The dog and Lily ran", "</s> Lily <s>"]:
         got = targets.data_driven_target(text, special)[0].tolist()

@@ -19,8 +19,10 @@ from tokenizers import models, pre_tokenizers, processors
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import checkpoints  # noqa: E402
 import model  # noqa: E402
 import targets  # noqa: E402
+import tokenizer  # noqa: E402
 from targets import (  # noqa: E402
     TargetsError, content_words, data_driven_target, entropy, idf_weights, kl_loss, load_targets,
     model_derived_target, precompute_data_driven, precompute_model_derived, save_targets, topk_sparse)
@@ -30,7 +32,7 @@ STORIES = ROOT / "data" / "models" / "stories260K"
 
 @pytest.fixture(scope="module")
 def tok():
-    return model.Tokenizer.from_dir(STORIES)
+    return tokenizer.Tokenizer.from_dir(STORIES)
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +122,7 @@ def word_level_tokenizer(bos=False):
         raw.post_processor = processors.TemplateProcessing(
             single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", 9)])
         config = {"bos_token": "<|begin_of_text|>"}
-    return model.Tokenizer(raw, config, where="test")
+    return tokenizer.Tokenizer(raw, config, where="test")
 
 
 def test_special_and_whitespace_pieces_dropped():
@@ -133,7 +135,7 @@ def test_special_and_whitespace_pieces_dropped():
     assert targets.is_bad_id(tok, 4)  # the empty piece too
 
 
-class AlwaysSpecial(model.Tokenizer):
+class AlwaysSpecial(tokenizer.Tokenizer):
     """A wrapper that adds special tokens whatever it is asked (a careless Llama-3 wrapper)."""
 
     def encode(self, texts, add_special_tokens=True, max_length=None):
@@ -314,7 +316,7 @@ def test_background_and_precompute_drivers():
 
 
 def test_precomputed_agrees_with_on_the_fly_on_bundled_model():
-    net, tok = model.load(STORIES)
+    net, tok = checkpoints.load(STORIES)
     emb = model.Embedder(net, tok, max_length=64)
     texts = ["Once upon a time there was a cat.", "The dog ran to the park!", "Lily liked red apples."]
     bg = targets.background_logits(emb, texts, batch_size=2)

