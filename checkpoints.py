@@ -18,6 +18,7 @@ Not included: .bin (pickle) checkpoints, remote downloads, writing GGUF files.
 
 import hashlib
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -27,10 +28,12 @@ from safetensors.torch import save_file
 
 import gguf_file
 from files import MANIFEST, check_manifest, hash_file, path_is, read_json, write_atomic
-from model import (Embedder, ModelArgs, ModelError, Transformer, _number, add_lora, args_from_config,
+from model import (Embedder, ModelArgs, ModelError, Transformer, _number, add_lora, args_dict, args_from_config,
                    attention_is_causal, checked_weight, config_from_args, hf_to_ours, lora_state_dict, merge_lora,
                    ours_to_hf)
 from tokenizer import Tokenizer
+
+ROOT = Path(__file__).resolve().parent  # the repository (git_commit)
 
 
 # -----------------------------------------------------------------------------
@@ -274,6 +277,30 @@ def read_run_meta(run_dir) -> dict:
     if not isinstance(meta.get("args", {}), dict):
         raise ModelError(f"{file}: key 'args' must be an object")
     return meta
+
+
+def git_commit():
+    """The commit of the code that trains a run (None outside a git checkout)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def run_meta(args, model, emb, precision, world, n_texts, total) -> dict:
+    """A run's meta.json (read back by read_run_meta): what the run is and what it was trained from; the
+    last metrics are added when it ends."""
+    lora = args.lora_r > 0
+    return {
+        "format_version": RUN_FORMAT, "stage": args.stage, "args": vars(args), "seed": args.seed,
+        "git_commit": git_commit(),
+        "base_model": str(Path(args.model).resolve()) if args.stage == 1 else read_run_meta(args.init)["base_model"],
+        "base_model_given": args.model, "init": str(Path(args.init).resolve()) if args.init else None,
+        "model_args": args_dict(model.args), "precision": precision, "world_size": world,
+        "lora": dict(r=args.lora_r, alpha=args.lora_alpha, targets=args.lora_targets.split(",")) if lora else None,
+        "embedding": emb.settings(), "n_texts": n_texts, "total_steps": total,
+    }
 
 
 def run_source(run_dir) -> Path:

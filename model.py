@@ -590,7 +590,8 @@ class Embedder:
     """Text -> embedding h(x): the model's final-norm hidden states, pooled.
 
     pooling 'mean' averages the text's own tokens (BOS included, a prompt's tokens excluded);
-    'last' takes the last token, by default with the PromptEOL template."""
+    'last' takes the last token, by default with the PromptEOL template. One loaded with the
+    settings it was trained or exported with: checkpoints.embedder_from_run / _from_pretrained."""
 
     def __init__(self, model, tokenizer, pooling="mean", causal=False, max_length=512, prompt=None):
         if pooling not in ("mean", "last"):

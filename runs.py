@@ -17,16 +17,21 @@ import fcntl
 import json
 import os
 import random
+import shlex
 import shutil
 import signal
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from checkpoints import read_run_meta
 from files import MANIFEST, WriteError, check_manifest, save_weights_atomic, write_atomic, write_cause, write_manifest
 from model import ModelError, lora_state_dict
+
+T2T = Path(__file__).resolve().parent / "t2t.py"  # the command a stopped run is continued with
 
 
 class TrainError(Exception):
@@ -81,6 +86,31 @@ class StopSignals:
         if not self.deferred:
             raise Stopped(signum)
         os.write(2, f"\n{name}: stopping after this step, with a checkpoint\n".encode())
+
+
+def how_to_continue(args, argv) -> str:
+    if (Path(args.out) / "meta.json").is_file():
+        return f"continue with:\n  {resume_command(args, argv, int(os.environ.get('WORLD_SIZE', '1')))}"
+    return "nothing was written: run the same command again"
+
+
+def resume_command(args, argv, world) -> str:
+    """The command line that continues this run: the same flags, plus --resume."""
+    flags = [str(a) for a in (argv or flags_of(args)) if a != "--resume"]
+    flags = flags[1:] if flags[:1] == ["train"] else flags
+    # one node: torchrun's own flags for several nodes are the launcher's to repeat
+    launcher = ["torchrun", "--nproc_per_node", os.environ.get("LOCAL_WORLD_SIZE", str(world))] if world > 1 \
+        else [sys.executable]
+    return shlex.join(launcher + [str(T2T), "train", *flags, "--resume"])
+
+
+def flags_of(args) -> list:
+    """Every flag of a parsed `train` command line, as argv (for train() called without argv)."""
+    argv = []
+    for key, value in vars(args).items():
+        if value is not None and value is not False and key not in ("resume", "preset", "cmd"):
+            argv += [f"--{key.replace('_', '-')}"] + ([] if value is True else [str(value)])
+    return argv
 
 
 # -----------------------------------------------------------------------------
@@ -179,6 +209,30 @@ class RunLock:
         if self.fd is not None:
             os.close(self.fd)  # closing the file releases the flock
             self.fd = None
+
+
+# Flags that may differ between a run and its --resume (they do not change the result); "cmd" is the
+# subcommand, absent when train() is called from Python.
+RESUMABLE = {"resume", "save_every", "keep_last", "log_every", "skip_nonfinite", "preset", "device", "eval_every",
+             "eval_data", "cmd"}
+
+
+def prepare_out(args, lock):
+    """Check --out against --resume; a run to resume is locked at once (lock: RunLock)."""
+    out = Path(args.out)
+    if args.resume:
+        if not (out / "meta.json").is_file():
+            raise TrainError(f"--resume: {out} holds no run (no meta.json)")
+        lock.acquire(out)
+        old = read_run_meta(out).get("args", {})
+        now = vars(args)
+        diff = [k for k in now if k not in RESUMABLE and old.get(k) != now[k]]
+        if diff:
+            detail = ", ".join(f"--{k.replace('_', '-')} {old.get(k)!r} -> {now[k]!r}" for k in diff)
+            raise TrainError(f"--resume: flags differ from the run in {out}: {detail}")
+    else:
+        check_out_empty(out)
+    return out  # created once the model and data have loaded, so a bad flag leaves nothing behind
 
 
 def check_out_empty(out: Path):
@@ -345,6 +399,17 @@ def restore_checkpoint(ckpt: Path, model, lora, opt, sched, scaler):
 def run_files(out, lora):
     """The final files of a run that its manifest covers."""
     return [weights_name(lora)] + (["background.safetensors"] if (out / "background.safetensors").is_file() else [])
+
+
+def background_intact(out, cache, log) -> bool:
+    """Whether the stage-2 background cached in the run directory matches the run's manifest; if not,
+    one WARNING line naming the file (it is then computed again)."""
+    try:
+        check_manifest(out, [cache.name])
+        return True
+    except ModelError as e:
+        log(f"WARNING: {e}; the background is computed again")
+        return False
 
 
 # -----------------------------------------------------------------------------

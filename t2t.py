@@ -11,7 +11,10 @@ Dimensions: B batch, T tokens, D hidden, V vocabulary, k sparse target slots.
 `python t2t.py train` with no arguments runs the CPU demo (stage 1 then stage 2 on the bundled
 tiny Llama and Wikipedia sample) and prints the STS Benchmark score after each stage.
 
-Not included: pipeline/tensor parallelism, FSDP, evaluation during training beyond the demo.
+Beside it: checkpoints.py (loading and export), runs.py (the run lock, stop signals, checkpoints,
+torchrun), files.py (careful reading, atomic writes).
+
+Not included: pipeline/tensor parallelism, FSDP, evaluation during training beyond the dev tasks.
 """
 
 import argparse
@@ -20,11 +23,10 @@ import datetime
 import json
 import os
 import random
-import shlex
 import shutil
-import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +37,7 @@ import checkpoints as C
 import model as M
 import runs as R
 import targets as T
-from files import WriteError, check_manifest, save_weights_atomic, write_json_atomic, write_manifest
+from files import WriteError, save_weights_atomic, write_json_atomic, write_manifest
 from runs import Stopped, StopSignals, TrainError
 
 ROOT = Path(__file__).resolve().parent
@@ -130,12 +132,6 @@ def train_parser(p: argparse.ArgumentParser):
       help="comma-separated dev tasks scored by --eval-every: STSBenchmarkDev (cosine Spearman), SciFactDev "
            "(nDCG@10, SciFact's train queries), an STS file or a BEIR folder")
     a("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-
-
-# Flags that may differ between a run and its --resume (they do not change the result); "cmd" is the
-# subcommand, absent when train() is called from Python.
-RESUMABLE = {"resume", "save_every", "keep_last", "log_every", "skip_nonfinite", "preset", "device", "eval_every",
-             "eval_data", "cmd"}
 
 
 def apply_preset(args, argv):
@@ -318,7 +314,7 @@ def background(args, out, embedder, texts, rank, world, log):
     """theta = mean teacher logits over the corpus, computed once and cached in the run dir (listed
     in the run's manifest: a damaged cache is recomputed, after one WARNING line)."""
     cache = out / "background.safetensors"
-    if cache.is_file() and background_intact(out, cache, log):
+    if cache.is_file() and R.background_intact(out, cache, log):
         log(f"stage 2: background read from {cache}")
         theta = dict(C.read_tensors(cache)).get("logits")
         if theta is None or tuple(theta.shape) != (embedder.model.args.vocab_size,):
@@ -343,15 +339,6 @@ def background(args, out, embedder, texts, rank, world, log):
     return theta
 
 
-def background_intact(out, cache, log) -> bool:
-    try:
-        check_manifest(out, [cache.name])
-        return True
-    except M.ModelError as e:
-        log(f"WARNING: {e}; the background is computed again")
-        return False
-
-
 # -----------------------------------------------------------------------------
 # Training
 
@@ -368,39 +355,14 @@ def train(args, argv=(), stops=None):
     try:
         return train_stage(args, argv, stops, lock)
     except Stopped as e:
-        raise Stopped(e.signum, e.detail or f"before training; {how_to_continue(args, argv)}") from None
+        raise Stopped(e.signum, e.detail or f"before training; {R.how_to_continue(args, argv)}") from None
     except WriteError as e:
         ckpts = R.list_checkpoints(Path(args.out))
         raise TrainError(f"{e}; last good checkpoint: {ckpts[-1] if ckpts else 'none'}; once there is room, "
-                         f"{how_to_continue(args, argv)}") from None
+                         f"{R.how_to_continue(args, argv)}") from None
     finally:
         lock.release()
         stops.deferred = False
-
-
-def how_to_continue(args, argv) -> str:
-    if (Path(args.out) / "meta.json").is_file():
-        return f"continue with:\n  {resume_command(args, argv, int(os.environ.get('WORLD_SIZE', '1')))}"
-    return "nothing was written: run the same command again"
-
-
-def resume_command(args, argv, world) -> str:
-    """The command line that continues this run: the same flags, plus --resume."""
-    flags = [str(a) for a in (argv or flags_of(args)) if a != "--resume"]
-    flags = flags[1:] if flags[:1] == ["train"] else flags
-    # one node: torchrun's own flags for several nodes are the launcher's to repeat
-    launcher = ["torchrun", "--nproc_per_node", os.environ.get("LOCAL_WORLD_SIZE", str(world))] if world > 1 \
-        else [sys.executable]
-    return shlex.join(launcher + [str(ROOT / "t2t.py"), "train", *flags, "--resume"])
-
-
-def flags_of(args) -> list:
-    """Every flag of a parsed `train` command line, as argv (for train() called without argv)."""
-    argv = []
-    for key, value in vars(args).items():
-        if value is not None and value is not False and key not in ("resume", "preset", "cmd"):
-            argv += [f"--{key.replace('_', '-')}"] + ([] if value is True else [str(value)])
-    return argv
 
 
 def embedding_flags(args, log):
@@ -420,35 +382,92 @@ def embedding_flags(args, log):
             log(f"WARNING: --{key} {value!r} differs from the stage-1 run's {base[key]!r} ({args.init})")
 
 
-def prepare_out(args, lock):
-    """Check --out against --resume; a run to resume is locked at once (lock: R.RunLock)."""
-    out = Path(args.out)
-    if args.resume:
-        if not (out / "meta.json").is_file():
-            raise TrainError(f"--resume: {out} holds no run (no meta.json)")
-        lock.acquire(out)
-        old = C.read_run_meta(out).get("args", {})
-        now = vars(args)
-        diff = [k for k in now if k not in RESUMABLE and old.get(k) != now[k]]
-        if diff:
-            detail = ", ".join(f"--{k.replace('_', '-')} {old.get(k)!r} -> {now[k]!r}" for k in diff)
-            raise TrainError(f"--resume: flags differ from the run in {out}: {detail}")
-    else:
-        R.check_out_empty(out)
-    return out  # created once the model and data have loaded, so a bad flag leaves nothing behind
-
-
-def git_commit():
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def train_stage(args, argv, stops, lock):
+    """One stage of the recipe: set up (setup_stage), continue a run (resume), train (train_loop),
+    write the final weights (finish_run)."""
+    s = setup_stage(args, lock)
+    opt = torch.optim.AdamW(s.params, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=args.weight_decay,
+                            fused=s.device.type == "cuda")  # one kernel for all tensors: small models are launch-bound
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_factor(i, s.total, args.warmup_steps, args.schedule))
+    scaler = torch.amp.GradScaler("cuda") if s.precision == "fp16" else None
+    step, position, ckpt = resume(args, s, opt, sched, scaler) if args.resume else (0, 0, None)
+    lora, n_train = args.lora_r > 0, sum(p.numel() for p in s.params)
+    s.log(f"stage {args.stage}: {len(s.tokenized)} texts, {s.total} steps of "
+          f"{args.batch_size * s.world * args.grad_accum} texts, {n_train:,} trainable parameters "
+          f"({'LoRA r=%d' % args.lora_r if lora else 'full'}), {s.precision} on {s.device}"
+          f"{f' x{s.world}' if s.world > 1 else ''}")
+    step, metrics, tokens, positions, t_start = train_loop(args, argv, stops, s, opt, sched, scaler, step, position,
+                                                           ckpt)
+    finish_run(args, s, step, metrics, tokens, positions, t_start)
+    return s.out
+
+
+@dataclass
+class Stage:
+    """What one training stage runs on (setup_stage)."""
+    out: Path  # the run directory
+    meta: dict  # its meta.json
+    model: torch.nn.Module  # the student: a Transformer, with a fresh LoRA unless full fine-tuning
+    params: list  # its trainable parameters
+    emb: M.Embedder  # the student's h(x)
+    teacher: M.Embedder | None  # stage 2 on the fly: the teacher (the student with its adapter off)...
+    theta: torch.Tensor | None  # ... and the background logits [V]
+    tgt_ids: torch.Tensor | None  # precomputed sparse targets: ids [N, k] (None: stage 2 on the fly)
+    tgt_w: torch.Tensor | None  # ... and weights [N, k]
+    tokenized: list  # [(ids, text mask)] per text
+    plan: BatchPlan  # global micro-batch number -> this rank's text indices
+    total: int  # optimizer steps
+    precision: str  # fp32, bf16 or fp16
+    device: torch.device
+    rank: int
+    world: int
+    log: object  # print on rank 0, nothing on the others
+
+
+def setup_stage(args, lock) -> Stage:
+    """Flags checked, the student built, the texts and their targets, the run directory created and
+    described (meta.json) before anything is computed into it (so that a run stopped from then on
+    can be resumed), the stage-2 background, the batches. The order is fixed: a resumed run draws
+    the same random numbers."""
     rank, world, device = R.setup_distributed(args.device)
     log = (lambda msg: print(msg, flush=True)) if rank == 0 else (lambda msg: None)
+    check_train_flags(args)
+    precision = resolve_precision(args.precision, device)
+    embedding_flags(args, log)
+    out = R.prepare_out(args, lock) if rank == 0 else Path(args.out)
+    if world > 1:
+        dist.barrier()
+    random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
+
+    model, tok, params, teacher = build_student(args, device, precision, log)
+    causal = args.attention == "causal"
+    emb = M.Embedder(model, tok, args.pooling, causal, args.max_length, args.prompt)
+    texts, tgt_ids, tgt_w = texts_and_targets(args, model, tok, log)
+    global_batch = args.batch_size * world
+    per_epoch = len(texts) // global_batch
+    if per_epoch == 0:
+        raise TrainError(f"{args.data}: {len(texts)} texts are fewer than one global batch ({global_batch})")
+    total = args.max_steps or max(1, int(args.epochs * per_epoch / args.grad_accum))
+
+    meta = C.run_meta(args, model, emb, precision, world, len(texts), total)
+    if rank == 0:
+        R.create_out(out, args.resume, lock)
+        write_json_atomic(out / "meta.json", meta)
+    if world > 1:
+        dist.barrier()
+    t_emb = theta = None
+    if args.stage == 2 and tgt_ids is None:
+        t_emb = M.Embedder(teacher or model, tok, emb.pooling, causal, args.max_length, emb.prompt)
+        with M.lora_enabled(model, False):
+            theta = background(args, out, t_emb, texts, rank, world, log)
+    tokenized = tok.encode_with_prompt(texts, emb.prompt, args.max_length)  # [(ids, text mask)] per text
+    lengths = [len(ids) for ids, _ in tokenized] if args.group_by_length else None
+    plan = BatchPlan(len(texts), global_batch, args.seed, lengths, args.group_by_length)
+    return Stage(out, meta, model, params, emb, t_emb, theta, tgt_ids, tgt_w, tokenized, plan, total, precision,
+                 device, rank, world, log)
+
+
+def check_train_flags(args):
     if args.stage == 2 and not args.init:
         raise TrainError("--stage 2 needs --init RUN_DIR (the stage-1 run)")
     if args.eval_every:
@@ -457,92 +476,59 @@ def train_stage(args, argv, stops, lock):
             E.resolve_task(task)  # an unknown task fails now, not after the first eval_every steps
     if args.out is None:
         raise TrainError("--out DIR is required")
-    precision = resolve_precision(args.precision, device)
-    embedding_flags(args, log)
-    out = prepare_out(args, lock) if rank == 0 else Path(args.out)
-    if world > 1:
-        dist.barrier()
-    random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
 
-    # --- model, embedder, data, targets
-    model, tok, params, teacher = build_student(args, device, precision, log)
-    lora = args.lora_r > 0
-    causal = args.attention == "causal"
-    emb = M.Embedder(model, tok, args.pooling, causal, args.max_length, args.prompt)
+
+def texts_and_targets(args, model, tok, log):
+    """The training texts and their sparse targets (ids [N, k], weights [N, k]): read from --targets,
+    or stage 1's data-driven ones; None for stage 2 on the fly. Texts without any target token are
+    skipped, and counted."""
     texts = read_texts(args.data)
-    if args.targets:
-        tgt_ids, tgt_w, header = T.load_targets(args.targets)
-        if len(tgt_ids) != len(texts):
-            raise TrainError(f"{args.targets}: {len(tgt_ids)} target rows for {len(texts)} texts in {args.data}")
-        top = int(tgt_ids.max()) if tgt_ids.numel() else -1
-        if top >= model.args.vocab_size:
-            raise TrainError(f"{args.targets}: token id {top} is outside the model's vocabulary "
-                             f"({model.args.vocab_size} ids)")
-        keep = (tgt_ids >= 0).any(1)  # texts without any target token are skipped, and counted
-        if not keep.all():
-            log(f"targets: {int((~keep).sum())} of {len(texts)} texts have an empty target and are skipped")
-            texts = [t for t, k in zip(texts, keep.tolist()) if k]
-            tgt_ids, tgt_w = tgt_ids[keep], tgt_w[keep]
-        log(f"targets: {args.targets} ({header.get('kind', '?')})")
-    elif args.stage == 1:
-        texts, tgt_ids, tgt_w = stage1_targets(args, texts, tok, log)
+    if not args.targets:
+        return stage1_targets(args, texts, tok, log) if args.stage == 1 else (texts, None, None)
+    tgt_ids, tgt_w, header = T.load_targets(args.targets)
+    if len(tgt_ids) != len(texts):
+        raise TrainError(f"{args.targets}: {len(tgt_ids)} target rows for {len(texts)} texts in {args.data}")
+    top = int(tgt_ids.max()) if tgt_ids.numel() else -1
+    if top >= model.args.vocab_size:
+        raise TrainError(f"{args.targets}: token id {top} is outside the model's vocabulary "
+                         f"({model.args.vocab_size} ids)")
+    keep = (tgt_ids >= 0).any(1)
+    if not keep.all():
+        log(f"targets: {int((~keep).sum())} of {len(texts)} texts have an empty target and are skipped")
+        texts = [t for t, k in zip(texts, keep.tolist()) if k]
+        tgt_ids, tgt_w = tgt_ids[keep], tgt_w[keep]
+    log(f"targets: {args.targets} ({header.get('kind', '?')})")
+    return texts, tgt_ids, tgt_w
+
+
+def resume(args, s, opt, sched, scaler):
+    """--resume: weights, optimizer, schedule, scaler and RNG states of the newest intact checkpoint
+    -> (step, data position, checkpoint or None); the metric lines logged after it are dropped
+    (they are redone)."""
+    step, position = 0, 0
+    ckpt = R.from_rank0(R.newest_intact_checkpoint(s.out, args.lora_r > 0, s.log) if s.rank == 0 else None)
+    if ckpt:
+        step, position = R.restore_checkpoint(ckpt, s.model, args.lora_r > 0, opt, sched, scaler)
+        s.log(f"resumed from {ckpt} (step {step})")
     else:
-        tgt_ids = tgt_w = None  # stage 2 on the fly from the teacher
-    global_batch = args.batch_size * world
-    per_epoch = len(texts) // global_batch
-    if per_epoch == 0:
-        raise TrainError(f"{args.data}: {len(texts)} texts are fewer than one global batch ({global_batch})")
-    total = args.max_steps or max(1, int(args.epochs * per_epoch / args.grad_accum))
+        s.log(f"--resume: no checkpoint in {s.out}, starting at step 0")
+    if s.rank == 0:
+        R.truncate_metrics(s.out / "metrics.jsonl", step)
+    return step, position, ckpt
 
-    # --- the run directory: created, locked and described (meta.json) before anything is computed
-    # into it, so that a run stopped from here on can be resumed
-    meta = {
-        "format_version": C.RUN_FORMAT, "stage": args.stage, "args": vars(args), "seed": args.seed,
-        "git_commit": git_commit(),
-        "base_model": str(Path(args.model).resolve()) if args.stage == 1 else C.read_run_meta(args.init)["base_model"],
-        "base_model_given": args.model, "init": str(Path(args.init).resolve()) if args.init else None,
-        "model_args": M.args_dict(model.args), "precision": precision, "world_size": world,
-        "lora": dict(r=args.lora_r, alpha=args.lora_alpha, targets=args.lora_targets.split(",")) if lora else None,
-        "embedding": emb.settings(), "n_texts": len(texts), "total_steps": total,
-    }
-    if rank == 0:
-        R.create_out(out, args.resume, lock)
-        write_json_atomic(out / "meta.json", meta)
-    if world > 1:
-        dist.barrier()
-    if args.stage == 2 and tgt_ids is None:
-        t_emb = M.Embedder(teacher or model, tok, emb.pooling, causal, args.max_length, emb.prompt)
-        with M.lora_enabled(model, False):
-            theta = background(args, out, t_emb, texts, rank, world, log)
-    tokenized = tok.encode_with_prompt(texts, emb.prompt, args.max_length)  # [(ids, text mask)] per text
-    lengths = [len(ids) for ids, _ in tokenized] if args.group_by_length else None
-    plan = BatchPlan(len(texts), global_batch, args.seed, lengths, args.group_by_length)
 
-    # --- optimizer, schedule, scaler, resume
-    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=args.weight_decay,
-                            fused=device.type == "cuda")  # one kernel for all tensors: small models are launch-bound
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, args.warmup_steps, args.schedule))
-    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
-    step, position, ckpt = 0, 0, None
-    if args.resume:
-        ckpt = R.from_rank0(R.newest_intact_checkpoint(out, lora, log) if rank == 0 else None)
-        if ckpt:
-            step, position = R.restore_checkpoint(ckpt, model, lora, opt, sched, scaler)
-            log(f"resumed from {ckpt} (step {step})")
-        else:
-            log(f"--resume: no checkpoint in {out}, starting at step 0")
-        if rank == 0:  # drop the metric lines logged after that checkpoint: they are redone
-            R.truncate_metrics(out / "metrics.jsonl", step)
-    n_train = sum(p.numel() for p in params)
-    log(f"stage {args.stage}: {len(texts)} texts, {total} steps of {global_batch * args.grad_accum} texts, "
-        f"{n_train:,} trainable parameters ({'LoRA r=%d' % args.lora_r if lora else 'full'}), "
-        f"{precision} on {device}{f' x{world}' if world > 1 else ''}")
-
-    # --- the loop: lr, forward, loss, backward, clip, step, log, stop on a signal
+def train_loop(args, argv, stops, s, opt, sched, scaler, step, position, last_ckpt):
+    """Optimizer steps up to s.total: lr, forward, loss, backward, clip, step, log, and a checkpoint
+    every --save-every steps or after a stop signal -> (step, last metrics, tokens, positions, start
+    time)."""
+    model, emb, t_emb, theta, params, tok = s.model, s.emb, s.teacher, s.theta, s.params, s.emb.tokenizer
+    tgt_ids, tgt_w, tokenized, plan, total = s.tgt_ids, s.tgt_w, s.tokenized, s.plan, s.total
+    out, precision, device, rank, world, log = s.out, s.precision, s.device, s.rank, s.world, s.log
+    lora = args.lora_r > 0
     model.train()
     stops.deferred = True  # from here a stop signal ends the run after the current step, with a checkpoint
     start_step = step
-    skipped, last_ckpt, t_start, tokens, positions, metrics = 0, ckpt, time.time(), 0, 0, {}
+    skipped, t_start, tokens, positions, metrics = 0, time.time(), 0, 0, {}
     mfile = open(out / "metrics.jsonl", "a") if rank == 0 else None
     while step < total:
         t0 = time.time()
@@ -622,20 +608,25 @@ def train_stage(args, argv, stops, lock):
                 dist.barrier()
         if stop:
             raise Stopped(stop, f"after step {step} of {total}, checkpoint {last_ckpt or 'written by rank 0'}; "
-                                f"continue with:\n  {resume_command(args, argv, world)}")
-
-    # --- final weights and summary
+                                f"continue with:\n  {R.resume_command(args, argv, world)}")
     if rank == 0:
         mfile.close()
-        save_weights_atomic(R.trainable_state(model, lora), out / R.weights_name(lora))
-        write_manifest(out, R.run_files(out, lora))
-        meta["last_metrics"] = metrics
-        meta["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-        write_json_atomic(out / "meta.json", meta)
-        log(f"done: {step} steps in {time.time() - t_start:.1f}s, final loss {metrics.get('loss', float('nan')):.4f}, "
-            f"{tokens / max(1e-9, time.time() - t_start):.0f} tokens/s, "
-            f"{tokens / max(1, positions):.1%} of computed positions were real tokens -> {out}")
-    return out
+    return step, metrics, tokens, positions, t_start
+
+
+def finish_run(args, s, step, metrics, tokens, positions, t_start):
+    """The trained weights, their manifest (with the stage-2 background) and the final meta.json."""
+    if s.rank != 0:
+        return
+    lora = args.lora_r > 0
+    save_weights_atomic(R.trainable_state(s.model, lora), s.out / R.weights_name(lora))
+    write_manifest(s.out, R.run_files(s.out, lora))
+    s.meta["last_metrics"] = metrics
+    s.meta["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    write_json_atomic(s.out / "meta.json", s.meta)
+    s.log(f"done: {step} steps in {time.time() - t_start:.1f}s, final loss {metrics.get('loss', float('nan')):.4f}, "
+          f"{tokens / max(1e-9, time.time() - t_start):.0f} tokens/s, "
+          f"{tokens / max(1, positions):.1%} of computed positions were real tokens -> {s.out}")
 
 
 # -----------------------------------------------------------------------------

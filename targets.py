@@ -292,7 +292,7 @@ def check_targets(ids, weights, where: str):
 
 def save_targets(path, ids, weights, header: dict):
     """Writes ids / weights and the JSON header (metadata key "text2token") to `path` through
-    model.write_atomic: a crash, a stop signal or a full disk never leaves half a file (a failed
+    files.write_atomic: a crash, a stop signal or a full disk never leaves half a file (a failed
     write is a WriteError naming the path and the cause)."""
     path = Path(path)
     check_targets(ids, weights, f"{path} (about to write)")

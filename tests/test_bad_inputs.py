@@ -246,7 +246,7 @@ def fresh_copy(run, tmp_path):
 
 def test_train_writes_format_version_and_load_checks_it(lora_run, tmp_path):
     meta = json.loads((lora_run / "meta.json").read_text())
-    assert meta["format_version"] == model.RUN_FORMAT == 1
+    assert meta["format_version"] == checkpoints.RUN_FORMAT == 1
     checkpoints.embedder_from_run(lora_run)  # reads
     run = fresh_copy(lora_run, tmp_path)
     for value, what in [(2, "'format_version' is 2"), ("1", "'format_version' is '1'"), (None, "is None")]:

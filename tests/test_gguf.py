@@ -385,7 +385,7 @@ def test_smollm2_load_peak_memory_is_one_copy():
     child = f"""
 import json, sys
 sys.path.insert(0, {str(ROOT)!r})
-import torch, model, gguf_file
+import torch, checkpoints, model, gguf_file
 def status(key): return int(next(l for l in open('/proc/self/status') if l.startswith(key)).split()[1]) * 1024
 base = status('VmRSS:')
 m, tok = checkpoints.load('smollm2')

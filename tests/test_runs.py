@@ -191,7 +191,7 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_and_resume_is_exact(tmp_
 HOOKED_CLI = """
 import os, signal, sys
 sys.path.insert(0, sys.argv.pop(1))
-import t2t, targets
+import runs, t2t, targets
 calls, real_loss, real_save = [0], targets.kl_loss, runs.torch_save
 
 def loss(*a):  # SIGTERM during step 5
