@@ -32,9 +32,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import checkpoints  # noqa: E402
 import common as C  # noqa: E402  (puts the repo root and tests/ on sys.path)
 
+import checkpoints  # noqa: E402
 import evaluate as E  # noqa: E402
 import model as M  # noqa: E402
 

@@ -28,9 +28,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import checkpoints  # noqa: E402
 import common as C  # noqa: E402  (puts the repo root and tests/ on sys.path)
 
+import checkpoints  # noqa: E402
 
 
 def time_training(argv, device, steps, warmup=2):

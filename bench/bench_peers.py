@@ -51,9 +51,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import checkpoints  # noqa: E402
 import common as C  # noqa: E402  (puts the repo root and tests/ on sys.path)
 
+import checkpoints  # noqa: E402
 import t2t  # noqa: E402
 import targets as T  # noqa: E402
 

@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import checkpoints  # noqa: E402
 import common as C  # noqa: E402  (puts the repo root and tests/ on sys.path)
 
+import checkpoints  # noqa: E402
 import model as M  # noqa: E402
 import targets as T  # noqa: E402
 
