@@ -303,7 +303,9 @@ def gemma3_config(args: ModelArgs, rope) -> dict:
                 num_key_value_heads=args.n_kv_heads, head_dim=args.head_dim, intermediate_size=args.ffn_dim,
                 hidden_activation="gelu_pytorch_tanh", rms_norm_eps=args.norm_eps, rope_theta=args.rope_theta,
                 rope_scaling=rope, rope_local_base_freq=args.rope_local_theta, attention_bias=args.qkv_bias,
-                query_pre_attn_scalar=args.query_pre_attn_scalar, sliding_window=args.sliding_window,
+                # an int where it is one: transformers' Gemma3TextConfig refuses 256.0
+                query_pre_attn_scalar=int(q) if (q := args.query_pre_attn_scalar).is_integer() else q,
+                sliding_window=args.sliding_window,
                 layer_types=list(args.layer_types), tie_word_embeddings=args.tie_embeddings,
                 max_position_embeddings=args.max_position_embeddings)
 

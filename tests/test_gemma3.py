@@ -235,7 +235,8 @@ def test_gemma3_270m_metadata_and_weights_equal_transformers(gemma, gemma_hf):
     theirs = {k.removeprefix("model."): v for k, v in gemma_hf.state_dict().items()}
     worst = max((v - theirs[k]).abs().max().item() for k, v in m.state_dict().items())
     assert worst <= 1e-6, worst
-    assert m.layers[0].input_layernorm.weight.mean() < 1.0  # stored near 1 + w; loaded as w
+    stored = torch.from_numpy(G.tensor_array(G.read_gguf(GEMMA), "blk.0.attn_norm.weight"))  # 1 + w
+    assert torch.equal(m.layers[0].input_layernorm.weight, stored - 1)
 
 
 @needs_gemma
