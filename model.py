@@ -1,7 +1,7 @@
 """The decoder LLM, LoRA, pooling and the embedder: the network, written from scratch.
 
 Follows Hugging Face's modeling_llama.py / modeling_mistral.py / modeling_qwen2.py /
-modeling_qwen3.py (the forward pass is tested against them) and the "Model" section of
+modeling_qwen3.py / modeling_gemma3.py (the forward pass is tested against them) and the "Model" section of
 the method (README.md, "The method"; Text2Token, arXiv 2510.10224): the embedding of a text is the last layer's hidden
 states after the final RMSNorm, mean-pooled (or the last token), with causal or bidirectional
 attention; lm_head(h) is its view in token space. Module names are the HF checkpoint's
@@ -10,14 +10,19 @@ attention; lm_head(h) is its view in token space. Module names are the HF checkp
 Dimensions: B batch, T tokens, D hidden, H query heads, K key/value heads, hd head dim,
 F feed-forward width, V vocabulary, r LoRA rank.
 
-Not included: KV cache and generation, sliding-window attention beyond the window, rope
-scaling other than "default", "linear" and "llama3", tensor parallelism, quantisation; files
-(checkpoints.py, gguf_file.py, files.py) and the tokenizer (tokenizer.py).
+Gemma 3 differs from Llama in named pieces, each switched on by a ModelArgs field: embeddings
+scaled by sqrt(D), RMSNorm by (1 + w), four norms per block, RMSNorm of q and k, GeGLU (tanh
+GELU), attention scale from query_pre_attn_scalar, sliding-window layers with their own RoPE base.
+
+Not included: KV cache and generation, sliding-window attention beyond the window for
+Mistral/Qwen (Gemma 3's sliding layers are real), logit soft-capping (Gemma 2), rope scaling
+other than "default", "linear" and "llama3", tensor parallelism, quantisation, Gemma 3's vision
+tower; files (checkpoints.py, gguf_file.py, files.py) and the tokenizer (tokenizer.py).
 """
 
 import contextlib
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -25,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gemma3")
 PROMPT_EOL = 'This sentence : "{text}" means in one word:"'  # PromptEOL (Jiang et al. 2023)
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -62,6 +67,14 @@ class ModelArgs:
     sliding_window: int | None = None
     tie_embeddings: bool = False
     max_position_embeddings: int = 4096
+    # Gemma 3 (modeling_gemma3.py); the defaults are Llama's
+    embed_scale: bool = False  # embeddings times sqrt(D)
+    norm_offset: bool = False  # RMSNorm scales by (1 + w) in fp32 (weights centred on 0)
+    sandwich_norm: bool = False  # norms after attention and after the MLP too: 4 per block
+    act: str = "silu"  # the MLP gate: silu | gelu_tanh (GeGLU)
+    query_pre_attn_scalar: float | None = None  # attention scale 1/sqrt(this); None: 1/sqrt(hd)
+    layer_types: list | None = None  # per layer "sliding_attention" | "full_attention"; None: all full
+    rope_local_theta: float = 10000.0  # the RoPE base of sliding layers
 
 
 def _number(cfg, key, where, default=None, kind=int, minimum=1, prefix=""):
@@ -119,8 +132,13 @@ def args_from_config(cfg: dict, where="config.json") -> ModelArgs:
     """Map each HF config key we implement onto ModelArgs; refuse what we do not implement, and
     any value of the wrong type or range, naming the key."""
     mt = cfg.get("model_type")
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):  # Gemma 2 (tanh caps on the logits)
+        if cfg.get(key) is not None:
+            raise ModelError(f"{where}: key {key!r} is {cfg[key]!r}: logit soft-capping is not implemented")
     if mt not in SUPPORTED_TYPES:
         raise ModelError(f"{where}: model_type {mt!r} is not supported; supported: {', '.join(SUPPORTED_TYPES)}")
+    if mt in ("gemma3", "gemma3_text"):
+        return gemma3_args(cfg, where)
     act = cfg.get("hidden_act", "silu")
     if act not in ("silu", "swish"):
         raise ModelError(f"{where}: hidden_act {act!r} is not supported (only silu)")
@@ -164,6 +182,88 @@ def args_from_config(cfg: dict, where="config.json") -> ModelArgs:
     )
 
 
+# transformers' Gemma3TextConfig defaults: a config states only what differs (gemma-3-4b-it's
+# text_config gives 5 keys), so these are part of the format
+GEMMA3_TEXT_DEFAULTS = dict(
+    vocab_size=262_208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8,
+    num_key_value_heads=4, head_dim=256, hidden_activation="gelu_pytorch_tanh", max_position_embeddings=131_072,
+    rms_norm_eps=1e-6, tie_word_embeddings=True, attention_bias=False, query_pre_attn_scalar=256,
+    sliding_window=4096, rope_theta=1_000_000.0, rope_local_base_freq=10_000.0, sliding_window_pattern=6)
+LAYER_TYPES = ("sliding_attention", "full_attention")
+
+
+def gemma3_args(cfg: dict, where) -> ModelArgs:
+    """A gemma3_text config, or a gemma3 (multimodal) one whose text_config describes the text
+    decoder, over GEMMA3_TEXT_DEFAULTS -> ModelArgs (Gemma3TextConfig's meaning of each key)."""
+    if cfg.get("model_type") == "gemma3":
+        text = cfg.get("text_config") or {}
+        if not isinstance(text, dict):
+            raise ModelError(f"{where}: key 'text_config' must be an object, got {text!r}")
+        where = f"{where} (text_config)"
+        cfg = text
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if cfg.get(key) is not None:
+            raise ModelError(f"{where}: key {key!r} is {cfg[key]!r}: logit soft-capping is not implemented")
+    cfg = GEMMA3_TEXT_DEFAULTS | {k: v for k, v in cfg.items() if v is not None}
+    if cfg["hidden_activation"] != "gelu_pytorch_tanh":
+        raise ModelError(f"{where}: hidden_activation {cfg['hidden_activation']!r} is not supported "
+                         f"(only gelu_pytorch_tanh)")
+    _flag(cfg, "use_bidirectional_attention", where)  # EmbeddingGemma's default; ours is chosen per call
+    n_heads = _number(cfg, "num_attention_heads", where)
+    n_kv_heads = _number(cfg, "num_key_value_heads", where)
+    if n_heads % n_kv_heads:
+        raise ModelError(f"{where}: num_attention_heads {n_heads} is not a multiple of num_key_value_heads {n_kv_heads}")
+    head_dim = _number(cfg, "head_dim", where)
+    if head_dim % 2:
+        raise ModelError(f"{where}: head_dim {head_dim} is odd; rotate-half RoPE needs an even head dim")
+    n_layers = _number(cfg, "num_hidden_layers", where)
+    layer_types = cfg.get("layer_types")
+    if layer_types is None:  # Gemma3TextConfig: every sliding_window_pattern-th layer is global
+        every = _number(cfg, "sliding_window_pattern", where)
+        layer_types = [LAYER_TYPES[(i + 1) % every == 0] for i in range(n_layers)]
+    if not (isinstance(layer_types, list) and len(layer_types) == n_layers and set(layer_types) <= set(LAYER_TYPES)):
+        raise ModelError(f"{where}: key 'layer_types' must list {n_layers} of {', '.join(LAYER_TYPES)}, "
+                         f"got {layer_types!r}")
+    bias = _flag(cfg, "attention_bias", where)
+    return ModelArgs(
+        model_type="gemma3_text",
+        vocab_size=_number(cfg, "vocab_size", where),
+        dim=_number(cfg, "hidden_size", where),
+        n_layers=n_layers,
+        n_heads=n_heads,
+        n_kv_heads=n_kv_heads,
+        head_dim=head_dim,
+        ffn_dim=_number(cfg, "intermediate_size", where),
+        norm_eps=_number(cfg, "rms_norm_eps", where, kind=float),
+        qkv_bias=bias,
+        o_bias=bias,
+        qk_norm=True,
+        sliding_window=_number(cfg, "sliding_window", where),
+        tie_embeddings=_flag(cfg, "tie_word_embeddings", where),
+        max_position_embeddings=_number(cfg, "max_position_embeddings", where),
+        embed_scale=True,
+        norm_offset=True,
+        sandwich_norm=True,
+        act="gelu_tanh",
+        query_pre_attn_scalar=_number(cfg, "query_pre_attn_scalar", where, kind=float),
+        layer_types=layer_types,
+        **_gemma3_rope(cfg, where),
+    )
+
+
+def _gemma3_rope(cfg, where) -> dict:
+    """Global layers: rope_theta and rope_scaling (v4 style) or rope_parameters.full_attention (v5);
+    sliding layers: rope_local_base_freq or rope_parameters.sliding_attention, default type only."""
+    params = cfg.get("rope_parameters")
+    if not (isinstance(params, dict) and "full_attention" in params):
+        return _rope_settings(cfg, where) | dict(rope_local_theta=_number(cfg, "rope_local_base_freq", where, kind=float))
+    local = params.get("sliding_attention") or {}
+    if not isinstance(local, dict) or local.get("rope_type", "default") != "default":
+        raise ModelError(f"{where}: key 'rope_parameters.sliding_attention' must be default RoPE, got {local!r}")
+    return _rope_settings({"rope_parameters": params["full_attention"]}, where) | dict(
+        rope_local_theta=_number(local, "rope_theta", where, 10_000.0, float, prefix="rope_parameters.sliding_attention."))
+
+
 def config_from_args(args: ModelArgs) -> dict:
     """The inverse of args_from_config: HF config.json keys (transformers v4 style) that give back
     `args` (for a model that has no config.json of its own: a GGUF file, t2t.py export)."""
@@ -174,6 +274,8 @@ def config_from_args(args: ModelArgs) -> dict:
             "llama3": dict(rope_type="llama3", factor=args.rope_factor, low_freq_factor=args.rope_low_freq_factor,
                            high_freq_factor=args.rope_high_freq_factor,
                            original_max_position_embeddings=args.rope_original_max_pos)}[args.rope_type]
+    if args.model_type == "gemma3_text":
+        return gemma3_config(args, rope)
     cfg = dict(model_type=args.model_type, architectures=[_ARCHITECTURES[args.model_type]], vocab_size=args.vocab_size,
                hidden_size=args.dim, num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads,
                num_key_value_heads=args.n_kv_heads, head_dim=args.head_dim, intermediate_size=args.ffn_dim,
@@ -185,6 +287,20 @@ def config_from_args(args: ModelArgs) -> dict:
     if args.model_type in ("qwen2", "qwen3"):
         cfg["use_sliding_window"] = args.sliding_window is not None
     return cfg
+
+
+def gemma3_config(args: ModelArgs, rope) -> dict:
+    """config_from_args for Gemma 3: a gemma3_text config.json (Gemma3ForCausalLM)."""
+    return dict(model_type="gemma3_text", architectures=["Gemma3ForCausalLM"], vocab_size=args.vocab_size,
+                hidden_size=args.dim, num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads,
+                num_key_value_heads=args.n_kv_heads, head_dim=args.head_dim, intermediate_size=args.ffn_dim,
+                hidden_activation="gelu_pytorch_tanh", rms_norm_eps=args.norm_eps, rope_theta=args.rope_theta,
+                rope_scaling=rope, rope_local_base_freq=args.rope_local_theta, attention_bias=args.qkv_bias,
+                # an int where it is one: transformers' Gemma3TextConfig refuses 256.0
+                query_pre_attn_scalar=int(q) if (q := args.query_pre_attn_scalar).is_integer() else q,
+                sliding_window=args.sliding_window,
+                layer_types=list(args.layer_types), tie_word_embeddings=args.tie_embeddings,
+                max_position_embeddings=args.max_position_embeddings)
 
 
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
@@ -206,15 +322,17 @@ class Embedding(nn.Embedding):
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim, eps):
+    def __init__(self, dim, eps, offset=False):
         super().__init__()
-        self.eps = eps
+        self.eps, self.offset = eps, offset
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # normalise in fp32, scale in the input dtype (as LlamaRMSNorm does)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.offset:  # Gemma3RMSNorm: weights centred on 0, x * (1 + w) in fp32, then cast
+            return (xf * (1.0 + self.weight.float())).to(x.dtype)
+        # normalise in fp32, scale in the input dtype (as LlamaRMSNorm does)
         return self.weight * xf.to(x.dtype)
 
 
@@ -237,6 +355,7 @@ def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
 
 
 def rope_cos_sin(args: ModelArgs, T: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [T, hd] for positions 0..T-1 (HF's rotate-half layout)."""
     inv = rope_inv_freq(args).to(device)
     freqs = torch.outer(torch.arange(T, device=device, dtype=torch.float32), inv)  # [T, hd/2]
     emb = torch.cat([freqs, freqs], dim=-1)  # [T, hd], HF's rotate-half layout
@@ -254,15 +373,16 @@ def apply_rope(x, cos, sin):
     return x * cos + rotate_half(x) * sin
 
 
-def attend(q, k, v, mask):
+def attend(q, k, v, mask, scale=None):
     """One SDPA call. In bf16 training on CPU it runs in fp32 (autocast off for it): there the bf16
     kernel's backward is 2-3x slower than fp32's (B=32, H=9, T=32, hd=64, forward + backward:
     49 vs 16 ms; with the fp32 cast 26 ms; bench/bench_bf16_cpu.py), while its forward alone is
     faster in bf16, so inference (no gradient) keeps bf16."""
     if q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.requires_grad:
         with torch.autocast("cpu", enabled=False):
-            return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask).to(q.dtype)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
+                                                  scale=scale).to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
 class Attention(nn.Module):
@@ -274,22 +394,24 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
         self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=args.o_bias)
         if args.qk_norm:
-            self.q_norm = RMSNorm(args.head_dim, args.norm_eps)
-            self.k_norm = RMSNorm(args.head_dim, args.norm_eps)
+            self.q_norm = RMSNorm(args.head_dim, args.norm_eps, args.norm_offset)
+            self.k_norm = RMSNorm(args.head_dim, args.norm_eps, args.norm_offset)
+        # Gemma 3 scales scores by query_pre_attn_scalar**-0.5 (256 = hd for the 270M; not hd for all sizes)
+        self.scale = args.query_pre_attn_scalar ** -0.5 if args.query_pre_attn_scalar else None
 
     def forward(self, x, cos, sin, mask):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)  # [B, T, H, hd]
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # [B, T, K, hd]
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
-        if hasattr(self, "q_norm"):  # Qwen3 normalises each head before RoPE
+        if hasattr(self, "q_norm"):  # Qwen3 and Gemma 3 normalise each head before RoPE
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H|K, T, hd]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.n_kv_heads != self.n_heads:  # grouped-query attention: share each kv head
             rep = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # [B, H, T, hd]
-        y = attend(q, k, v, mask)  # [B, H, T, hd]
+        y = attend(q, k, v, mask, self.scale)  # [B, H, T, hd]
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -299,22 +421,37 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(args.dim, args.ffn_dim, bias=args.mlp_bias)
         self.up_proj = nn.Linear(args.dim, args.ffn_dim, bias=args.mlp_bias)
         self.down_proj = nn.Linear(args.ffn_dim, args.dim, bias=args.mlp_bias)
+        self.gelu = args.act == "gelu_tanh"
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate = self.gate_proj(x)
+        # SwiGLU (Llama, Qwen) or GeGLU with the tanh GELU (Gemma's gelu_pytorch_tanh)
+        gate = F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)
+        return self.down_proj(gate * self.up_proj(x))
 
 
 class Block(nn.Module):
+    """Pre-norm: x + attn(norm(x)), then x + mlp(norm(x)). Gemma 3's "sandwich" also normalises
+    each branch's output: x + post_norm(attn(norm(x))). The HF names differ in meaning: Llama's
+    post_attention_layernorm is the MLP's input norm; Gemma's is the attention output's."""
+
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
+        norm = lambda: RMSNorm(args.dim, args.norm_eps, args.norm_offset)  # noqa: E731
+        self.input_layernorm = norm()
         self.self_attn = Attention(args)
-        self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
+        self.post_attention_layernorm = norm()
         self.mlp = MLP(args)
+        if args.sandwich_norm:
+            self.pre_feedforward_layernorm = norm()
+            self.post_feedforward_layernorm = norm()
 
     def forward(self, x, cos, sin, mask):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        if not hasattr(self, "pre_feedforward_layernorm"):
+            x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+            return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, mask))
+        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
 
 
 def attention_mask_4d(attention_mask: torch.Tensor, causal: bool) -> torch.Tensor:
@@ -334,6 +471,35 @@ def attention_mask_4d(attention_mask: torch.Tensor, causal: bool) -> torch.Tenso
     return (real[:, None, None, :] & past) | eye  # [B, 1, T, T]
 
 
+def sliding_window_mask(attention_mask: torch.Tensor, causal: bool, window: int) -> torch.Tensor:
+    """Gemma 3's sliding layers, boolean [B, 1, T, T] (or the full mask when the window covers every
+    pair). Causal: query t sees key s when 0 <= t - s < window (transformers' sliding_window_overlay).
+    Bidirectional, as EmbeddingGemma and transformers' use_bidirectional_attention define it: a
+    symmetric band |t - s| < window // 2 + 1 (Gemma3TextConfig halves the window, "exclusive
+    bounds"; _bidirectional_window_overlay). Padded keys are hidden; each position also sees
+    itself, so that no row is fully masked (NaN)."""
+    B, T = attention_mask.shape
+    reach = window if causal else window // 2 + 1  # |t - s| < reach
+    if T <= reach:
+        return attention_mask_4d(attention_mask, causal)
+    pos = torch.arange(T, device=attention_mask.device)
+    dist = pos[:, None] - pos[None, :]  # [T, T] query minus key
+    band = (dist >= 0) & (dist < reach) if causal else dist.abs() < reach
+    eye = torch.eye(T, dtype=torch.bool, device=attention_mask.device)
+    return (attention_mask.bool()[:, None, None, :] & band) | eye  # [B, 1, T, T]
+
+
+def embed_scale(args: ModelArgs, dtype) -> torch.Tensor:
+    """Gemma's embedding multiplier sqrt(D), rounded to the weights' dtype as transformers does
+    (in bf16, sqrt(640) = 25.30 becomes 25.25): an fp32 scalar cast to `dtype`."""
+    return torch.tensor(args.dim ** 0.5, dtype=torch.float32).to(dtype)
+
+
+def local_rope_args(args: ModelArgs) -> ModelArgs:
+    """Sliding layers' RoPE (Gemma 3): the local base, no scaling."""
+    return replace(args, rope_theta=args.rope_local_theta, rope_type="default")
+
+
 class Transformer(nn.Module):
     """A decoder stack; parameter names are the HF checkpoint's without the 'model.' prefix."""
 
@@ -342,7 +508,7 @@ class Transformer(nn.Module):
         self.args = args
         self.embed_tokens = Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
-        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.norm = RMSNorm(args.dim, args.norm_eps, args.norm_offset)
         self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
@@ -352,15 +518,23 @@ class Transformer(nn.Module):
         """input_ids [B, T] long, attention_mask [B, T] (1 = real token) -> hidden [B, T, D]
         after the final norm."""
         B, T = input_ids.shape
-        if self.args.sliding_window is not None and T > self.args.sliding_window:
+        args = self.args
+        if args.layer_types is None and args.sliding_window is not None and T > args.sliding_window:
             raise ModelError(f"sequence of {T} tokens exceeds the sliding window "
-                             f"({self.args.sliding_window}), which is not implemented")
+                             f"({args.sliding_window}), which is not implemented")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
-        mask = attention_mask_4d(attention_mask, causal)  # [B, 1, 1 or T, T]
-        cos, sin = rope_cos_sin(self.args, T, input_ids.device)  # [T, hd] each, positions 0..T-1
+        # per layer type: (cos, sin, mask); Llama-style models have full layers only
+        inputs = {"full_attention": (*rope_cos_sin(args, T, input_ids.device),  # [T, hd] each
+                                     attention_mask_4d(attention_mask, causal))}  # [B, 1, 1 or T, T]
+        if args.layer_types and "sliding_attention" in args.layer_types:
+            inputs["sliding_attention"] = (*rope_cos_sin(local_rope_args(args), T, input_ids.device),
+                                           sliding_window_mask(attention_mask, causal, args.sliding_window))
         x = self.embed_tokens(input_ids)  # [B, T, D]
-        for layer in self.layers:
+        if args.embed_scale:
+            x = x * embed_scale(args, x.dtype)
+        for i, layer in enumerate(self.layers):
+            cos, sin, mask = inputs[args.layer_types[i] if args.layer_types else "full_attention"]
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
             else:
@@ -400,8 +574,20 @@ def compile_layers(model: Transformer, backend="inductor", mode=None):
 # Weights: HF names onto our modules, and the checks every loaded tensor passes
 
 
-def hf_to_ours(key: str) -> str:
-    """The one name mapping: HF keys are ours under a 'model.' prefix (lm_head has none)."""
+# Gemma 3's multimodal checkpoints (4B and up) hold the text decoder under another prefix
+# (the published layout, and the one transformers v5 saves) beside the vision tower, which is not read
+LANGUAGE_MODEL = {"language_model.model.": "", "model.language_model.": "", "language_model.lm_head.": "lm_head."}
+VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
+
+
+def hf_to_ours(key: str) -> str | None:
+    """The one name mapping: HF keys are ours under a 'model.' prefix (lm_head has none); a
+    multimodal Gemma 3's language-model keys likewise; None for its vision tower (left unread)."""
+    if key.startswith(VISION_PREFIXES):
+        return None
+    for prefix, ours in LANGUAGE_MODEL.items():
+        if key.startswith(prefix):
+            return ours + key.removeprefix(prefix)
     return key.removeprefix("model.")
 
 

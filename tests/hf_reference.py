@@ -5,7 +5,9 @@ through transformers' own config class, modeling code and save_pretrained (singl
 sharded), with the bundled stories260K tokenizer beside it; save_random_checkpoint does the same
 for any config.json dict (shrink_config makes a real one tiny). hf_hidden_states runs
 transformers' forward pass, causal (its own mask from the 2-D padding mask) or bidirectional (an
-explicit 4-D additive mask that hides padded keys only); parity_errors compares model.py with it.
+explicit 4-D additive mask that hides padded keys only; for Gemma 3, whose sliding layers need
+masks of their own, transformers' use_bidirectional_attention); parity_errors compares model.py
+with it. GEMMA3 holds tiny Gemma 3 configs (tests/test_gemma3.py).
 transformers is imported inside the functions, so importing this module needs only torch.
 
 Dimensions: B batch, T tokens, D hidden, V vocabulary.
@@ -48,9 +50,27 @@ FAMILIES = {
 }
 
 
+# Gemma 3 (gemma3_text): one KV head, head_dim 32 (not hidden/heads), query_pre_attn_scalar 24 (not
+# head_dim), a sliding window of 8 tokens on layers 0 and 2 (inputs of 16-20 tokens cross it)
+_GEMMA3_BASE = dict({k: v for k, v in _BASE.items() if k != "hidden_act"}, model_type="gemma3_text",
+                    num_hidden_layers=3, num_key_value_heads=1, head_dim=32, hidden_activation="gelu_pytorch_tanh",
+                    rms_norm_eps=1e-6, rope_theta=1e6, rope_local_base_freq=100.0, query_pre_attn_scalar=24,
+                    sliding_window=8, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                    layer_types=["sliding_attention", "full_attention", "sliding_attention"])
+GEMMA3 = {
+    "gemma3": _GEMMA3_BASE,
+    # an odd window (its bidirectional half-width rounds), GQA with 2 kv heads, biases, an untied head,
+    # linear rope scaling on the global layers only, the layer pattern from sliding_window_pattern
+    "gemma3_variant": dict({k: v for k, v in _GEMMA3_BASE.items() if k != "layer_types"}, sliding_window=7,
+                           num_key_value_heads=2, attention_bias=True, tie_word_embeddings=False,
+                           rope_scaling=dict(rope_type="linear", factor=4.0), num_hidden_layers=4,
+                           sliding_window_pattern=2),
+}
+
+
 def tiny_config(family: str, **overrides) -> dict:
-    """A FAMILIES entry (config.json keys) with `overrides` applied."""
-    return dict(FAMILIES[family], **overrides)
+    """A FAMILIES (or GEMMA3) entry (config.json keys) with `overrides` applied."""
+    return dict((FAMILIES | GEMMA3)[family], **overrides)
 
 
 def shrink_config(cfg: dict, layers: int = 2, hidden: int = 64, heads: int = 4, ffn: int = 96) -> dict:
@@ -59,6 +79,16 @@ def shrink_config(cfg: dict, layers: int = 2, hidden: int = 64, heads: int = 4, 
     head_dim / (hidden / heads) ratio (rounded to an even width), so an explicit head_dim that
     differs from hidden/heads still differs. The vocabulary (and BOS/EOS ids) become
     stories260K's."""
+    if "text_config" in cfg:  # Gemma 3 multimodal: the text decoder shrinks, the vision tower becomes tiny
+        vision = dict(cfg["vision_config"], hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                      num_attention_heads=2, image_size=28, patch_size=14)
+        return dict(cfg, text_config=shrink_config(cfg["text_config"], layers, hidden, heads, ffn),
+                    vision_config=vision, mm_tokens_per_image=4, image_token_index=VOCAB - 1,
+                    boi_token_index=VOCAB - 3, eoi_token_index=VOCAB - 2)
+    if cfg.get("model_type") in ("gemma3", "gemma3_text"):  # Gemma3TextConfig's defaults fill the gaps
+        cfg = {"num_attention_heads": 8, "num_key_value_heads": 4, "num_hidden_layers": 26} | cfg
+        if "layer_types" in cfg:
+            cfg["layer_types"] = cfg["layer_types"][:layers]
     kv = max(1, heads * cfg.get("num_key_value_heads", cfg["num_attention_heads"]) // cfg["num_attention_heads"])
     small = dict(cfg, num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads,
                  num_key_value_heads=kv, intermediate_size=ffn, vocab_size=VOCAB, bos_token_id=1, eos_token_id=2)
@@ -126,6 +156,24 @@ def load_hf(path, attn_implementation: str = "eager"):
                                                 attn_implementation=attn_implementation).eval()
 
 
+def gemma3_decoder(model):
+    """transformers' Gemma 3 text decoder: Gemma3TextModel (in Gemma3ForCausalLM or, for the
+    multimodal models, Gemma3ForConditionalGeneration), or None for other families."""
+    if model.config.model_type not in ("gemma3", "gemma3_text"):
+        return None
+    return getattr(model.model, "language_model", model.model)
+
+
+def bidirectional_twin(decoder):
+    """The same Gemma3TextModel weights under a config with use_bidirectional_attention=True, built
+    through the config class (whose __post_init__ turns the window into the symmetric one)."""
+    cfg = type(decoder.config).from_dict(decoder.config.to_dict() | {"use_bidirectional_attention": True})
+    cfg._attn_implementation = decoder.config._attn_implementation  # eager stays eager
+    twin = type(decoder)(cfg)
+    twin.load_state_dict(decoder.state_dict())
+    return twin.to(decoder.dtype).eval()
+
+
 def padding_mask_4d(attention_mask: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
     """[B, T] (1 = real) -> additive [B, 1, T, T]: 0 where the key is real, the dtype's minimum
     where it is padding; no causal part, so every query sees every real key."""
@@ -140,6 +188,10 @@ def hf_hidden_states(model_or_path, input_ids, attention_mask, causal: bool) -> 
     mask from the 2-D padding mask. Bidirectional: a custom 4-D mask, which transformers passes
     to attention as it is (masking_utils: an already prepared 4-D mask is returned as-is)."""
     model = load_hf(model_or_path) if isinstance(model_or_path, (str, Path)) else model_or_path
+    decoder = gemma3_decoder(model)
+    if decoder is not None:
+        decoder = decoder if causal else bidirectional_twin(decoder)
+        return decoder(input_ids=input_ids, attention_mask=attention_mask.long()).last_hidden_state
     if causal:
         mask = attention_mask.long()
     else:
