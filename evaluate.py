@@ -549,7 +549,7 @@ def sparse_scores(queries, docs):
     return scores
 
 
-def evaluate_tfidf(task, split="test", ignore_identical_ids=False) -> dict:
+def evaluate_tfidf(task, split=None, ignore_identical_ids=False) -> dict:
     """The reference row: STS pairs or exact retrieval with TF-IDF vectors (table only, no result
     files: it is a yardstick, not a model)."""
     name, kind, path = resolve_task(task)
@@ -559,12 +559,52 @@ def evaluate_tfidf(task, split="test", ignore_identical_ids=False) -> dict:
         vectors = tfidf_vectors(data.sentences1 + data.sentences2, background)
         n = len(data.sentences1)
         return sts_metrics(data.scores, *sparse_pair_similarities(vectors[:n], vectors[n:]))
-    data = read_beir(path, split)
+    data = read_beir(path, split or only_split(path))
     vectors = tfidf_vectors(data.queries + data.docs, background)
     scores = sparse_scores(vectors[:len(data.queries)], vectors[len(data.queries):])
     run = rank_documents(scores, data.query_ids, data.doc_ids, ignore_identical_ids=ignore_identical_ids)
     return retrieval_metrics(run, data.qrels)
 
+
+# BM25 reference row (retrieval only): Okapi BM25 over lower-cased words with the stage-1 stopwords
+# removed, no stemming; k1 0.9 and b 0.4 as Pyserini's BEIR baselines; Lucene's idf
+# ln(1 + (N - df + 0.5) / (df + 0.5)), which is never negative. Statistics from the task's corpus.
+BM25_K1, BM25_B = 0.9, 0.4
+
+
+def bm25_scores(queries, docs, stopwords=frozenset(), k1=BM25_K1, b=BM25_B) -> np.ndarray:
+    """Query and document texts -> BM25 scores [nq, nd]: sum over the query's words (each
+    occurrence counts) of idf(w) * tf (k1 + 1) / (tf + k1 (1 - b + b |d| / avgdl))."""
+    bags = [Counter(w for w in words(d) if w not in stopwords) for d in docs]
+    lengths = np.array([sum(bag.values()) for bag in bags], dtype=np.float64)
+    norm = k1 * (1 - b + b * lengths / max(lengths.mean(), 1e-9))  # [nd]
+    postings = {}  # word -> (doc indices, term frequencies)
+    for j, bag in enumerate(bags):
+        for w, tf in bag.items():
+            postings.setdefault(w, ([], []))
+            postings[w][0].append(j)
+            postings[w][1].append(tf)
+    scores = np.zeros((len(queries), len(docs)))
+    for i, q in enumerate(queries):
+        for w, qtf in Counter(w for w in words(q) if w not in stopwords).items():
+            if w not in postings:
+                continue
+            idx, tf = np.array(postings[w][0]), np.array(postings[w][1], dtype=np.float64)
+            idf = math.log(1 + (len(docs) - len(idx) + 0.5) / (len(idx) + 0.5))
+            scores[i, idx] += qtf * idf * tf * (k1 + 1) / (tf + norm[idx])
+    return scores
+
+
+def evaluate_bm25(task, split=None, ignore_identical_ids=False) -> dict:
+    """The BM25 reference row of a retrieval task (table only, like TF-IDF)."""
+    import targets  # the stage-1 stopword list
+    name, kind, path = resolve_task(task)
+    if kind != "retrieval":
+        raise EvalError(f"{name}: BM25 is a retrieval baseline; {name} is an STS task")
+    data = read_beir(path, split or only_split(path))
+    scores = bm25_scores(data.queries, data.docs, frozenset(targets.stopwords()))
+    run = rank_documents(scores, data.query_ids, data.doc_ids, ignore_identical_ids=ignore_identical_ids)
+    return retrieval_metrics(run, data.qrels)
 
 # -----------------------------------------------------------------------------
 # MTEB v2 result files
@@ -759,8 +799,8 @@ def print_table(rows, tasks):
     print(f"{'model':<{width}}  {'revision':<12}" + "".join(f"  {name:>14}" for name, _, _ in tasks))
     print(f"{'':<{width}}  {'':<12}" + "".join(f"  {label[kind]:>14}" for _, kind, _ in tasks))
     for name, revision, results in rows:
-        print(f"{name:<{width}}  {revision:<12}" + "".join(f"  {100 * results[t]['main_score']:>14.2f}"
-                                                           for t, _, _ in tasks))
+        print(f"{name:<{width}}  {revision:<12}" + "".join(
+            f"  {100 * results[t]['main_score']:>14.2f}" if t in results else f"  {'-':>14}" for t, _, _ in tasks))
 
 
 def parse_args(argv=None):
@@ -785,8 +825,9 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model's layers (Embedder.compile): pays off on large corpora only, "
                         "the compile takes tens of seconds on CPU (bench/bench_compile.py)")
-    p.add_argument("--baseline", choices=["tfidf"], default=None,
-                   help="add the TF-IDF bag-of-words row to the table (always there when --model is not given)")
+    p.add_argument("--baseline", choices=["tfidf", "bm25"], nargs="+", default=[],
+                   help="add reference rows: tfidf (bag of words; always there when --model is not given), "
+                        "bm25 (retrieval tasks only)")
     p.add_argument("--ignore-identical-ids", action="store_true",
                    help="drop doc id == query id from rankings (MTEB does for ArguAna, Quora, FiQA2018...)")
     return p.parse_args(argv)
@@ -823,10 +864,13 @@ def main(argv=None):
         for path in paths:
             encoder, name, revision, meta = load_encoder(path, args)
             rows.append((name, revision, evaluate_model(encoder, name, revision, meta, args)))
-        if args.baseline == "tfidf" or not args.model:
+        if "tfidf" in args.baseline or not args.model:
             rows.append(("tfidf (wiki idf)", "-", {resolve_task(t)[0]: evaluate_tfidf(t, ignore_identical_ids=
                                                                                      args.ignore_identical_ids)
                                                    for t in args.tasks}))
+        if "bm25" in args.baseline:  # STS tasks have no BM25 score: their cell stays empty
+            rows.append(("bm25", "-", {resolve_task(t)[0]: evaluate_bm25(t, ignore_identical_ids=args.ignore_identical_ids)
+                                       for t in args.tasks if resolve_task(t)[1] == "retrieval"}))
     except (EvalError, model.ModelError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

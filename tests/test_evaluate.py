@@ -187,6 +187,41 @@ def test_tfidf_reference_row():
     assert m["cosine_spearman"] == pytest.approx(0.68, abs=0.01)  # a colleague's independent measurement
 
 
+def test_bm25_by_hand():
+    """Three documents, one query, worked on paper: N 3, avgdl 3, k1 0.9, b 0.4."""
+    docs = ["cat cat dog", "dog bird", "fish fish fish fish"]  # lengths 3, 2, 4
+    scores = evaluate.bm25_scores(["cat dog"], docs)[0]
+    idf_cat = math.log(1 + (3 - 1 + 0.5) / (1 + 0.5))  # in one document
+    idf_dog = math.log(1 + (3 - 2 + 0.5) / (2 + 0.5))  # in two
+
+    def part(tf, length):
+        return tf * 1.9 / (tf + 0.9 * (1 - 0.4 + 0.4 * length / 3))
+    assert scores[0] == pytest.approx(idf_cat * part(2, 3) + idf_dog * part(1, 3), rel=1e-12)
+    assert scores[1] == pytest.approx(idf_dog * part(1, 2), rel=1e-12)
+    assert scores[2] == 0.0
+    assert evaluate.bm25_scores(["the cat"], docs, stopwords={"the"})[0][0] == pytest.approx(
+        idf_cat * part(2, 3), rel=1e-12)  # a stopword adds nothing
+
+
+def test_bm25_reference_row_matches_beir():
+    # BEIR (Thakur et al. 2021, Table 2): BM25 on SciFact, nDCG@10 0.665 (Elasticsearch, its English
+    # analyzer with stemming); ours has no stemming, so a tolerance of 0.01
+    assert evaluate.evaluate_bm25("SciFact")["ndcg_at_10"] == pytest.approx(0.665, abs=0.01)
+    with pytest.raises(evaluate.EvalError, match="retrieval baseline"):
+        evaluate.evaluate_bm25("STSBenchmark")
+
+
+def test_dev_tasks_score_their_own_split():
+    """SciFactDev has only qrels/dev.tsv (SciFact's train queries): evaluate_task and the
+    baselines score that split, and none of its queries is a SciFact test query."""
+    dev = evaluate.read_beir(evaluate.DEV_TASKS["SciFactDev"][1], "dev")
+    test = evaluate.read_beir(evaluate.BUNDLED_TASKS["SciFact"][1], "test")
+    assert len(dev.query_ids) == 100 and len(dev.doc_ids) == 400 and not set(dev.query_ids) & set(test.query_ids)
+    assert evaluate.only_split(evaluate.DEV_TASKS["SciFactDev"][1]) == "dev"
+    assert evaluate.only_split(evaluate.BUNDLED_TASKS["SciFact"][1]) == "test"
+    assert 0.5 < evaluate.evaluate_bm25("SciFactDev")["ndcg_at_10"] < 1.0
+
+
 @pytest.mark.slow
 def test_minilm_scifact_reproduces_mteb(minilm):
     minilm.max_seq_length = 256  # MTEB's run truncated documents at 256 tokens
