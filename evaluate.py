@@ -739,6 +739,10 @@ def load_encoder(path, args):
         emb = checkpoints.embedder_from_run(path, device=args.device, dtype=dtype, attention=args.attention,
                                             pooling=args.pooling, max_length=args.max_length)
         name = f"text2token/{path.resolve().name}"
+    elif (path / "modules.json").is_file():  # a sentence-transformers folder of t2t.py export: its own settings
+        emb = checkpoints.embedder_from_pretrained(path, pooling=args.pooling, attention=args.attention,
+                                                   max_length=args.max_length, device=args.device, dtype=dtype)
+        name = f"local/{path.resolve().name}"
     else:
         emb = checkpoints.embedder_from_pretrained(path, pooling=args.pooling or "mean",
                                                    attention=args.attention or "bidirectional",

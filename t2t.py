@@ -697,14 +697,41 @@ def cmd_targets(args):
 
 
 def cmd_export(args):
-    """A run directory (or checkpoint) -> HF checkpoint folder with merged weights + text2token.json."""
+    """A run directory (or checkpoint) -> HF checkpoint folder with merged weights + text2token.json,
+    or (--format sentence-transformers) that plus the sentence-transformers files (export_st.py)."""
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         raise TrainError(f"--out {out} exists and is not empty")
     emb = embedder_for(args.model, args)
     dtype = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    C.save_hf(emb.model, C.base_checkpoint_dir(args.model), out, emb.settings(), dtype=dtype)
-    print(f"exported {args.model} -> {out} ({emb.settings()})")
+    if args.format == "sentence-transformers":
+        import export_st
+        export_st.check_exportable(emb)  # before anything is written
+        export_st.save_sentence_transformers(emb, C.base_checkpoint_dir(args.model), out,
+                                             export_card(args.model, args.results), dtype=dtype)
+    else:
+        C.save_hf(emb.model, C.base_checkpoint_dir(args.model), out, emb.settings(), dtype=dtype)
+    print(f"exported {args.model} -> {out} ({args.format}, {emb.settings()})")
+
+
+def export_card(model, results_dir) -> dict:
+    """What export_st's model card says about a run or checkpoint: base model and its licence, the
+    recipe (stage, LoRA or full, steps, lr, data), and evaluate.py's scores found under results_dir."""
+    import export_st
+    base = C.base_checkpoint_dir(model)
+    card = dict(name=Path(model).resolve().name, base_model=str(base), license=export_st.base_licence(base))
+    if C.is_run_dir(model):
+        meta = C.read_run_meta(model)
+        a = meta.get("args", {})
+        card.update(stage=meta.get("stage"), recipe=(
+            f"Text2Token stage {meta.get('stage')} ({'data-driven' if meta.get('stage') == 1 else 'model-derived'} "
+            f"targets), {'LoRA r=%s' % meta['lora']['r'] if meta.get('lora') else 'full fine-tuning'}, "
+            f"{meta.get('total_steps')} steps, lr {a.get('lr')}, {meta.get('n_texts')} texts of {a.get('data')}"))
+        name = f"text2token/{Path(model).resolve().name}"  # evaluate.py's name for a run
+    else:
+        name = f"local/{Path(model).resolve().name}"
+    card["scores"] = export_st.read_scores(results_dir, name, C.weights_sha256(model))
+    return card
 
 
 @torch.no_grad()
@@ -782,8 +809,11 @@ def command(argv, stops):
         tp.add_argument(a, **kw)
     ip = sub.add_parser("inspect", help="top tokens of lm_head(h(x)) and hit@10")
     ip.add_argument("texts", nargs="*", help="texts to inspect")
-    ep = sub.add_parser("export", help="merged weights as an HF checkpoint folder")
+    ep = sub.add_parser("export", help="merged weights as an HF checkpoint or sentence-transformers folder")
     ep.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto", help="auto: as loaded (fp32)")
+    ep.add_argument("--format", choices=["hf", "sentence-transformers"], default="hf",
+                    help="hf: an HF checkpoint folder; sentence-transformers: that, loadable by SentenceTransformer(DIR)")
+    ep.add_argument("--results", default="results", help="evaluate.py's --output folder: its scores go in the model card")
     for q in (ip, ep):
         q.add_argument("--model", default=str(DEFAULT_MODEL), help="run directory, HF checkpoint folder, GGUF file or model name (smollm2)")
         q.add_argument("--attention", choices=["bidirectional", "causal"], default=None, help="default: the run's")
