@@ -24,7 +24,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
