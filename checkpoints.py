@@ -1,7 +1,7 @@
 """Checkpoints on disk: Hugging Face folders, GGUF files (gguf_file.py), model names and the run
-directories of t2t.py train, read into the network of model.py; and export back to an HF folder.
+directories of t2t.py train, read and checked for model.load; and export back to an HF folder.
 
-An HF folder holds config.json (read by model.args_from_config), model.safetensors or shards
+An HF folder holds config.json (read by config.args_from_config), model.safetensors or shards
 with model.safetensors.index.json, and tokenizer.json (tokenizer.py). A run directory holds
 meta.json (format RUN_FORMAT: base model, the stage-1 run for stage 2, LoRA settings, embedding
 settings), its trained weights (adapter.safetensors or model.safetensors) and a manifest of
@@ -9,9 +9,11 @@ them; it is loaded by loading what it was trained from and merging its own weigh
 file is checked before it is used: JSON types and ranges, config sizes against the tensor
 shapes, tensor dtypes and finiteness, manifests; an error names the file and the key or tensor.
 
-The entry points: load(path) -> (Transformer, Tokenizer); embedder_from_pretrained(path) and
-embedder_from_run(run_dir) -> model.Embedder with the settings it was trained or exported with;
-save_hf (t2t.py export).
+What model.load uses: resolve_model (a name or a path), Checkpoint (an HF folder or GGUF file:
+its ModelArgs, then its checked weights under our module names, then its tokenizer), read_run
+(a run directory checked before anything loads) and copy_adapter; Embedder.from_run and
+.from_pretrained read the embedding settings here (read_run_meta, read_settings). The network is
+never imported: a model is passed in (save_hf reads its state_dict and args).
 
 Not included: .bin (pickle) checkpoints, remote downloads, writing GGUF files.
 """
@@ -22,15 +24,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 import gguf_file
-from files import MANIFEST, check_manifest, hash_file, path_is, read_json, write_atomic
-from model import (Embedder, ModelArgs, ModelError, Transformer, _number, add_lora, args_dict, args_from_config,
-                   attention_is_causal, checked_weight, config_from_args, hf_to_ours, lora_state_dict, merge_lora,
-                   ours_to_hf)
+from config import (ModelArgs, _number, args_dict, args_from_config, checked_weight, config_from_args, hf_to_ours,
+                    ours_to_hf)
+from files import MANIFEST, ModelError, check_manifest, hash_file, path_is, read_json, write_atomic
 from tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parent  # the repository (git_commit)
@@ -171,12 +171,11 @@ def check_sizes(args: ModelArgs, shapes: dict, config):
             raise ModelError(f"{config}: {keys} imply {key} of shape {shape}; {shapes[key][1]} has {shapes[key][0]}")
 
 
-def load_weights(model: Transformer, files, device, dtype, config="config.json"):
-    """Strict copy of the checkpoint tensors into a model built on the meta device; every tensor
-    floating point and finite (checked_weight). `config` names the file the model was built from."""
-    expected = dict(model.state_dict())
-    if model.args.tie_embeddings:
-        expected.pop("lm_head.weight", None)
+def read_weights(files, expected: dict, device, dtype, config="config.json") -> dict:
+    """The tensors of safetensors files under our module names, checked against `expected` ({name:
+    shape} of the model built from `config`; model.load) -> {name: tensor in dtype on device}.
+    Strict: every tensor known (a tied head saved anyway is skipped: it is the embedding), every
+    expected one present, each of its shape, floating point and finite (checked_weight)."""
     state, unread = {}, 0
     for f in files:
         for key, t in read_tensors(f, device):
@@ -184,14 +183,13 @@ def load_weights(model: Transformer, files, device, dtype, config="config.json")
             if ours is None:  # a multimodal Gemma 3's vision tower
                 unread += 1
                 continue
-            if ours == "lm_head.weight" and model.args.tie_embeddings:
+            if ours == "lm_head.weight" and ours not in expected:
                 continue  # a tied head saved anyway: it is the embedding
             if ours not in expected:
-                raise ModelError(f"{f}: unexpected tensor {key!r} (not in a {model.args.model_type} model "
-                                 f"built from {config})")
-            if tuple(t.shape) != tuple(expected[ours].shape):
+                raise ModelError(f"{f}: unexpected tensor {key!r} (not in a model built from {config})")
+            if tuple(t.shape) != tuple(expected[ours]):
                 raise ModelError(f"{f}: tensor {key!r} has shape {tuple(t.shape)}, {config} implies "
-                                 f"{tuple(expected[ours].shape)}")
+                                 f"{tuple(expected[ours])}")
             state[ours] = checked_weight(t, dtype, f"{f}: tensor {key!r}")
     if unread:
         print(f"{files[0].parent}: {unread} vision-tower tensors left unread (the text decoder only)", file=sys.stderr)
@@ -199,28 +197,37 @@ def load_weights(model: Transformer, files, device, dtype, config="config.json")
     if missing:
         raise ModelError(f"{files[0].parent}: missing tensor(s) {', '.join(ours_to_hf(k) for k in missing[:5])}"
                          + (f" and {len(missing) - 5} more" if len(missing) > 5 else "") + f" (implied by {config})")
-    model.load_state_dict(state, strict=not model.args.tie_embeddings, assign=True)
-    if model.args.tie_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
+    return state
 
 
-def load_checkpoint(path, device="cpu", dtype=torch.float32) -> Transformer:
-    """An HF checkpoint folder -> Transformer in `dtype` on `device`, one copy of the weights.
-    config.json's values are checked for type and range (args_from_config) and its sizes against
-    the safetensors headers (check_sizes) before anything is built; each tensor must then have its
-    shape, a floating-point dtype and finite values (load_weights). A truncated or corrupted file,
-    a missing shard, or a bad value is a ModelError naming the file and the key or tensor."""
-    path = Path(path)
-    if not path.is_dir():
-        raise ModelError(f"{path}: not a directory")
-    config = path / "config.json"
-    args = args_from_config(read_json(config), where=str(config))
-    files = weight_files(path)
-    check_sizes(args, tensor_shapes(files), config)
-    with torch.device("meta"):
-        model = Transformer(args)
-    load_weights(model, files, device, dtype, config)
-    return model.eval()
+class Checkpoint:
+    """An HF checkpoint folder or a GGUF file, opened for model.load: its ModelArgs first (an HF
+    config.json's values checked for type and range by args_from_config, and its sizes against the
+    safetensors headers by check_sizes, before anything is built), then the weights of the model
+    built from them (read_weights), then its tokenizer. A truncated or corrupted file, a missing
+    shard, or a bad value is a ModelError naming the file and the key or tensor."""
+
+    def __init__(self, path):
+        self.path, self.gguf = Path(path), None
+        if is_gguf(path):
+            self.gguf = gguf_file.read_gguf(path)
+            self.args = gguf_file.args_from_gguf(self.gguf)
+            return
+        if not self.path.is_dir():
+            raise ModelError(f"{path}: not a directory")
+        self.config = self.path / "config.json"
+        self.args = args_from_config(read_json(self.config), where=str(self.config))
+        self.files = weight_files(path)
+        check_sizes(self.args, tensor_shapes(self.files), self.config)
+
+    def read_weights(self, expected: dict, device, dtype) -> dict:
+        """{name: shape} of the model built from self.args -> {name: checked tensor}, one copy."""
+        if self.gguf:
+            return gguf_file.read_weights(self.gguf, self.args, expected, device, dtype)
+        return read_weights(self.files, expected, device, dtype, self.config)
+
+    def tokenizer(self) -> Tokenizer:
+        return gguf_file.tokenizer_from_gguf(self.gguf) if self.gguf else Tokenizer.from_dir(self.path)
 
 
 def load_tokenizer(path) -> "Tokenizer":
@@ -354,12 +361,29 @@ def check_run_weights(run_dir, name):
     check_manifest(run_dir, [name])
 
 
-def load_lora(model, path):
-    """Load an adapter saved by save_file(lora_state_dict(model)); every key must match."""
+def read_run(run_dir) -> dict:
+    """A run directory checked before anything is loaded from it (model.load) -> its meta.json: the
+    chain of runs down to the base checkpoint (every meta.json checked, no loop), its own weights
+    file against the manifest, and for an adapter meta.json's lora.r against the tensors' shapes."""
+    run_dir = Path(run_dir)
+    base_checkpoint_dir(run_dir)
+    meta = read_run_meta(run_dir)
+    name = "adapter.safetensors" if meta.get("lora") else "model.safetensors"
+    check_run_weights(run_dir, name)
+    if meta.get("lora"):
+        check_lora_rank(meta["lora"]["r"], tensor_shapes([run_dir / name]), run_dir / "meta.json")
+    elif not path_is(run_dir / name):
+        raise ModelError(f"{run_dir / 'meta.json'}: key 'lora' is null (full fine-tuning), but "
+                         f"{run_dir / name} does not exist")
+    return meta
+
+
+def copy_adapter(expected: dict, path):
+    """An adapter file (model.save_lora) copied into `expected` ({name: tensor}: the model's
+    lora_state_dict, which shares the adapters' storage); every key and shape must match."""
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"{path}: file not found")
-    expected = lora_state_dict(model)
     keys = set(tensor_shapes([path]))
     if keys != set(expected):
         extra, missing = sorted(keys - set(expected)), sorted(set(expected) - keys)
@@ -370,72 +394,10 @@ def load_lora(model, path):
         expected[k].copy_(checked_weight(t, expected[k].dtype, f"{path}: tensor {k!r}"))
 
 
-def save_lora(model, path):
-    save_file(lora_state_dict(model), str(path))
-
-
-# -----------------------------------------------------------------------------
-# Loading: the public entry points
-
-
-def load(path, device="cpu", dtype=torch.float32):
-    """Any HF checkpoint folder of a supported family, a llama.cpp GGUF file (gguf_file.py), a model
-    name (resolve_model), or a run directory -> (Transformer, Tokenizer).
-
-    A run directory is rebuilt from its base: stage 2 loads its stage-1 run (which merges its own
-    adapter), then applies and merges the stage-2 adapter; full fine-tuning loads model.safetensors."""
-    path = resolve_model(path)
-    if is_gguf(path):
-        return gguf_file.load_gguf(path, device, dtype)
-    if not is_run_dir(path):
-        return load_checkpoint(path, device, dtype), Tokenizer.from_dir(path)
-    base_checkpoint_dir(path)  # the chain of runs down to the HF folder: every meta.json checked, no cycle
-    meta = read_run_meta(path)
-    lora = meta.get("lora")
-    check_run_weights(path, "adapter.safetensors" if lora else "model.safetensors")  # before the base loads
-    model, tok = load(run_source(path), device, dtype)
-    if lora:
-        check_lora_rank(lora["r"], tensor_shapes([path / "adapter.safetensors"]), path / "meta.json")
-        try:
-            add_lora(model, r=lora["r"], alpha=lora["alpha"], dropout=0.0, targets=lora["targets"])
-        except ModelError as e:  # a target that matches no layer: name the key it came from
-            raise ModelError(f"{path / 'meta.json'}: key 'lora.targets': {e}") from None
-        load_lora(model, path / "adapter.safetensors")
-        merge_lora(model)
-    else:
-        if not path_is(path / "model.safetensors"):
-            raise ModelError(f"{path / 'meta.json'}: key 'lora' is null (full fine-tuning), but "
-                             f"{path / 'model.safetensors'} does not exist")
-        load_weights(model, [path / "model.safetensors"], device, dtype, base_checkpoint_dir(path) / "config.json")
-    return model.eval(), tok
-
-
-def embedder_from_pretrained(path, pooling=None, attention=None, max_length=None, prompt=None,
-                             device="cpu", dtype=torch.float32) -> Embedder:
-    """An HF checkpoint folder, GGUF file or model name -> Embedder; settings not given come from its
-    text2token.json (written by `t2t.py export`) or default to mean pooling, bidirectional
-    attention, 512 tokens. A run directory goes to embedder_from_run."""
-    path = resolve_model(path)
-    if is_run_dir(path):
-        return embedder_from_run(path, device, dtype, pooling=pooling, attention=attention,
-                                 max_length=max_length, prompt=prompt)
+def read_settings(path) -> dict:
+    """An exported checkpoint's embedding settings (text2token.json, written by t2t.py export), or {}."""
     file = Path(path) / SETTINGS_FILE
-    saved = check_settings(read_json(file), file) if file.is_file() else {}
-    model, tok = load(path, device, dtype)
-    return Embedder(model, tok, pooling or saved.get("pooling", "mean"),
-                    attention_is_causal(attention or saved.get("attention", "bidirectional")),
-                    max_length or saved.get("max_length", 512), prompt if prompt is not None else saved.get("prompt"))
-
-
-def embedder_from_run(run_dir, device="cpu", dtype=torch.float32, **overrides) -> Embedder:
-    """A run directory's model with the attention, pooling and prompt it was trained with (meta.json's
-    "embedding"); overrides that are not None win."""
-    meta = read_run_meta(run_dir)
-    emb = dict(meta.get("embedding", {}))
-    emb.update({k: v for k, v in overrides.items() if v is not None})
-    model, tok = load(run_dir, device, dtype)
-    return Embedder(model, tok, emb.get("pooling", "mean"), attention_is_causal(emb.get("attention", "bidirectional")),
-                    emb.get("max_length", 512), emb.get("prompt"))
+    return check_settings(read_json(file), file) if file.is_file() else {}
 
 
 # -----------------------------------------------------------------------------
@@ -446,10 +408,10 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 SETTINGS_FILE = "text2token.json"  # our embedding settings beside an exported checkpoint
 
 
-def save_hf(model: Transformer, base_dir, out_dir, settings: dict, dtype=None, max_shard_bytes=5 * 2**30):
-    """Write `model` as an HF checkpoint folder: the base's config.json (dtype updated), weights
-    under HF names (sharded with an index above max_shard_bytes), the base's tokenizer files, and
-    the embedding settings in text2token.json. Every file goes through a temporary name. A GGUF
+def save_hf(model, base_dir, out_dir, settings: dict, dtype=None, max_shard_bytes=5 * 2**30):
+    """Write `model` (a model.Transformer) as an HF checkpoint folder: the base's config.json (dtype
+    updated), weights under HF names (sharded with an index above max_shard_bytes), the base's
+    tokenizer files, and the embedding settings in text2token.json. Every file goes through a temporary name. A GGUF
     base has no HF files: config.json comes from ModelArgs (config_from_args) and the tokenizer
     files are rebuilt from its metadata (base_tokenizer_files)."""
     base_dir, out_dir = Path(base_dir), Path(out_dir)

@@ -728,6 +728,7 @@ def load_encoder(path, args):
     import torch  # checkpoints.py brings torch; the readers and metrics above need only numpy
 
     import checkpoints
+    import model
     path = checkpoints.resolve_model(path)  # a model name (checkpoints.MODEL_NAMES) -> its GGUF file
     if not (checkpoints.path_is(path, "dir") or checkpoints.is_gguf(path)):
         raise EvalError(f"--model {path}: not a directory or a GGUF file (a run directory, an HF checkpoint "
@@ -736,17 +737,17 @@ def load_encoder(path, args):
         raise EvalError(f"--device {args.device}: CUDA is not available here")
     dtype = getattr(torch, args.dtype) if args.dtype != "auto" else auto_dtype(args.device, trained_in_bf16(path) or None)
     if checkpoints.is_run_dir(path):  # attention/pooling as trained, unless given as flags
-        emb = checkpoints.embedder_from_run(path, device=args.device, dtype=dtype, attention=args.attention,
-                                            pooling=args.pooling, max_length=args.max_length)
+        emb = model.Embedder.from_run(path, device=args.device, dtype=dtype, attention=args.attention,
+                                      pooling=args.pooling, max_length=args.max_length)
         name = f"text2token/{path.resolve().name}"
     elif (path / "modules.json").is_file():  # a sentence-transformers folder of t2t.py export: its own settings
-        emb = checkpoints.embedder_from_pretrained(path, pooling=args.pooling, attention=args.attention,
-                                                   max_length=args.max_length, device=args.device, dtype=dtype)
+        emb = model.Embedder.from_pretrained(path, pooling=args.pooling, attention=args.attention,
+                                             max_length=args.max_length, device=args.device, dtype=dtype)
         name = f"local/{path.resolve().name}"
     else:
-        emb = checkpoints.embedder_from_pretrained(path, pooling=args.pooling or "mean",
-                                                   attention=args.attention or "bidirectional",
-                                                   max_length=args.max_length, device=args.device, dtype=dtype)
+        emb = model.Embedder.from_pretrained(path, pooling=args.pooling or "mean",
+                                             attention=args.attention or "bidirectional",
+                                             max_length=args.max_length, device=args.device, dtype=dtype)
         name = f"local/{path.resolve().name}"  # mteb needs "organization/name"
     if args.compile:
         emb.compile()

@@ -40,7 +40,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
 
-from checkpoints import is_gguf, save_hf
+from checkpoints import base_checkpoint_dir, is_gguf, is_run_dir, read_run_meta, save_hf, weights_sha256
 from files import read_json, write_atomic
 from model import ModelError
 
@@ -296,3 +296,21 @@ def read_scores(results_dir, model_name, revision) -> dict:
                     "main_score": main, "metric": next((k for k, v in rows[0].items() if k != "main_score" and v == main), "")}
     return scores
 
+
+def card_facts(model, results_dir) -> dict:
+    """What the model card says about a run or checkpoint: base model and its licence, the
+    recipe (stage, LoRA or full, steps, lr, data), and evaluate.py's scores found under results_dir."""
+    base = base_checkpoint_dir(model)
+    card = dict(name=Path(model).resolve().name, base_model=str(base), license=base_licence(base))
+    if is_run_dir(model):
+        meta = read_run_meta(model)
+        a = meta.get("args", {})
+        card.update(stage=meta.get("stage"), recipe=(
+            f"Text2Token stage {meta.get('stage')} ({'data-driven' if meta.get('stage') == 1 else 'model-derived'} "
+            f"targets), {'LoRA r=%s' % meta['lora']['r'] if meta.get('lora') else 'full fine-tuning'}, "
+            f"{meta.get('total_steps')} steps, lr {a.get('lr')}, {meta.get('n_texts')} texts of {a.get('data')}"))
+        name = f"text2token/{Path(model).resolve().name}"  # evaluate.py's name for a run
+    else:
+        name = f"local/{Path(model).resolve().name}"
+    card["scores"] = read_scores(results_dir, name, weights_sha256(model))
+    return card

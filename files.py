@@ -7,6 +7,8 @@ renamed (write_atomic), so that a kill or a full disk never leaves a file that l
 Manifests: the size and sha256 of each file of a set, written last, so that a reader tells a
 complete, unaltered set from a truncated, altered or incomplete one.
 
+Also the project's one error type for bad input, ModelError.
+
 Not included: file locking and stop signals (runs.py), the formats themselves (checkpoints.py).
 """
 
@@ -19,7 +21,10 @@ from pathlib import Path
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from model import ModelError
+
+class ModelError(ValueError):
+    """A user-facing problem with a checkpoint, a run directory or a setting (every module's error:
+    model.ModelError is this one)."""
 
 
 # -----------------------------------------------------------------------------

@@ -6,7 +6,7 @@ Follows ggml's docs/gguf.md and src/gguf.cpp (file layout and its checks), ggml-
 formats), llama.cpp's convert_hf_to_gguf.py (tensor names; LlamaModel.permute, the Q/K row order
 for llama.cpp's RoPE; Gemma3Model's norm weights + 1), src/llama-model.cpp (what gemma3 files
 leave out) and src/llama-vocab.cpp (tokenizer types, pre-tokenizers, special-token
-defaults). The file is memory-mapped; each tensor is dequantised once, straight into the model.
+defaults). The file is memory-mapped; each tensor is dequantised once, and model.load assigns it.
 
 File layout (little-endian): "GGUF", version (2 or 3), tensor count, key/value count (u64 each);
 key/value pairs (key string, value type, value); tensor infos (name, dims innermost-first, ggml
@@ -45,7 +45,8 @@ from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers.models import BPE
 
-from model import LAYER_TYPES, ModelArgs, ModelError, Transformer, checked_weight
+from config import LAYER_TYPES, ModelArgs, checked_weight
+from files import ModelError
 from tokenizer import Tokenizer
 
 MAGIC = b"GGUF"
@@ -555,50 +556,35 @@ def gemma3_args(g: GGUFFile, args: ModelArgs) -> ModelArgs:
                    rope_local_theta=GEMMA3_LOCAL_ROPE_BASE)
 
 
-def load_weights(model: Transformer, g: GGUFFile, device, dtype):
-    """Dequantise each tensor straight into a model built on the meta device (strict: every
-    tensor known, every parameter present, shapes as the metadata implies). llama files: Q/K rows
+def read_weights(g: GGUFFile, args: ModelArgs, expected: dict, device, dtype) -> dict:
+    """Each tensor dequantised, under our module name, checked against `expected` ({name: shape} of
+    the model built from `args`; model.load) -> {name: tensor in dtype on device}. Strict: every
+    tensor known, every expected one present, shapes as the metadata implies. llama files: Q/K rows
     back to HF's order (unpermute_rows). Gemma 3 files: llama.cpp's converter stores every norm
     weight with Gemma's + 1 already added (for its plain x * w); 1 is taken off, so that the model is
     the HF checkpoint's (1 + (w - 1) is the stored w up to one fp32 rounding)."""
     arch = g.get("general.architecture")
-    expected = dict(model.state_dict())
-    if model.args.tie_embeddings:
-        expected.pop("lm_head.weight")
-    heads = {"q_proj": model.args.n_heads, "k_proj": model.args.n_kv_heads} if arch == "llama" else {}
+    heads = {"q_proj": args.n_heads, "k_proj": args.n_kv_heads} if arch == "llama" else {}
     state = {}
     for name, info in g.tensors.items():
         ours = ours_name(name, g.path, arch)
         if ours not in expected:
             raise ModelError(f"{g.path}: unexpected tensor {name!r} (not in a model with this metadata)")
-        if info.shape != tuple(expected[ours].shape):
+        if info.shape != tuple(expected[ours]):
             raise ModelError(f"{g.path}: tensor {name!r} has dims {list(info.dims)} (torch shape "
-                             f"{info.shape}), the metadata implies {tuple(expected[ours].shape)}")
+                             f"{info.shape}), the metadata implies {tuple(expected[ours])}")
         w = torch.from_numpy(tensor_array(g, name))
         proj = ours.split(".")[-2]
         if proj in heads:
             w = unpermute_rows(w, heads[proj])
-        if model.args.norm_offset and ours.endswith("norm.weight"):
+        if args.norm_offset and ours.endswith("norm.weight"):
             w = w - 1.0
         state[ours] = checked_weight(w, dtype, f"{g.path}: tensor {name!r}").to(device)
     missing = sorted(gguf_name(k, arch) for k in set(expected) - set(state))
     if missing:
         raise ModelError(f"{g.path}: missing tensor(s) {', '.join(missing[:5])}"
                          + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
-    model.load_state_dict(state, strict=not model.args.tie_embeddings, assign=True)
-    if model.args.tie_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
-
-
-def load_gguf(path, device="cpu", dtype=torch.float32):
-    """A GGUF file of the llama or gemma3 architecture -> (Transformer, Tokenizer), one copy of the weights."""
-    g = read_gguf(path)
-    args = args_from_gguf(g)
-    tokenizer = tokenizer_from_gguf(g)
-    with torch.device("meta"):
-        model = Transformer(args)
-    load_weights(model, g, device, dtype)
-    return model.eval(), tokenizer
+    return state
 
 
 # -----------------------------------------------------------------------------

@@ -5,7 +5,8 @@ modeling_qwen3.py / modeling_gemma3.py (the forward pass is tested against them)
 the method (README.md, "The method"; Text2Token, arXiv 2510.10224): the embedding of a text is the last layer's hidden
 states after the final RMSNorm, mean-pooled (or the last token), with causal or bidirectional
 attention; lm_head(h) is its view in token space. Module names are the HF checkpoint's
-(hf_to_ours), so that loading is a strict copy (checkpoints.py reads the files).
+(config.hf_to_ours), so that loading is a strict copy onto a model built on the meta device (load:
+checkpoints.py reads and checks the files, config.py maps config.json onto ModelArgs).
 
 Dimensions: B batch, T tokens, D hidden, H query heads, K key/value heads, hd head dim,
 F feed-forward width, V vocabulary, r LoRA rank.
@@ -17,294 +18,27 @@ GELU), attention scale from query_pre_attn_scalar, sliding-window layers with th
 Not included: KV cache and generation, sliding-window attention beyond the window for
 Mistral/Qwen (Gemma 3's sliding layers are real), logit soft-capping (Gemma 2), rope scaling
 other than "default", "linear" and "llama3", tensor parallelism, quantisation, Gemma 3's vision
-tower; files (checkpoints.py, gguf_file.py, files.py) and the tokenizer (tokenizer.py).
+tower; file formats (checkpoints.py, gguf_file.py, files.py), config.json (config.py) and the
+tokenizer (tokenizer.py).
 """
 
 import contextlib
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import checkpoints
+from config import ModelArgs, args_from_config  # noqa: F401 (args_from_config: model.args_from_config)
+from files import ModelError, save_weights_atomic
+from tokenizer import Tokenizer, pad_batch  # noqa: F401 (Tokenizer: model.Tokenizer, what load returns)
 
-SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gemma3")
 PROMPT_EOL = 'This sentence : "{text}" means in one word:"'  # PromptEOL (Jiang et al. 2023)
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-class ModelError(ValueError):
-    """A user-facing problem with a checkpoint, a run directory or a setting."""
-
-
-# -----------------------------------------------------------------------------
-# config.json -> ModelArgs
-
-
-@dataclass
-class ModelArgs:
-    model_type: str = "llama"
-    vocab_size: int = 32000
-    dim: int = 4096  # hidden_size
-    n_layers: int = 32
-    n_heads: int = 32
-    n_kv_heads: int = 32
-    head_dim: int = 128
-    ffn_dim: int = 11008  # intermediate_size
-    norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
-    rope_type: str = "default"  # default | linear | llama3
-    rope_factor: float = 1.0
-    rope_low_freq_factor: float = 1.0  # llama3 only
-    rope_high_freq_factor: float = 4.0  # llama3 only
-    rope_original_max_pos: int = 8192  # llama3 only
-    qkv_bias: bool = False  # Qwen2 always; Llama when attention_bias
-    o_bias: bool = False  # Llama's attention_bias also covers o_proj
-    mlp_bias: bool = False
-    qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k before RoPE
-    sliding_window: int | None = None
-    tie_embeddings: bool = False
-    max_position_embeddings: int = 4096
-    # Gemma 3 (modeling_gemma3.py); the defaults are Llama's
-    embed_scale: bool = False  # embeddings times sqrt(D)
-    norm_offset: bool = False  # RMSNorm scales by (1 + w) in fp32 (weights centred on 0)
-    sandwich_norm: bool = False  # norms after attention and after the MLP too: 4 per block
-    act: str = "silu"  # the MLP gate: silu | gelu_tanh (GeGLU)
-    query_pre_attn_scalar: float | None = None  # attention scale 1/sqrt(this); None: 1/sqrt(hd)
-    layer_types: list | None = None  # per layer "sliding_attention" | "full_attention"; None: all full
-    rope_local_theta: float = 10000.0  # the RoPE base of sliding layers
-
-
-def _number(cfg, key, where, default=None, kind=int, minimum=1, prefix=""):
-    """cfg[key] (null or absent: `default`) as an int >= minimum, or as a finite float > 0 for
-    kind=float. JSON true/false, strings and 4096.0 for an int are refused, never converted."""
-    value = cfg.get(key)
-    value = default if value is None else value
-    if kind is int and (type(value) is not int or value < minimum):
-        raise ModelError(f"{where}: key {prefix + key!r} must be an integer >= {minimum}, got {value!r}")
-    if kind is float and (type(value) not in (int, float) or not math.isfinite(value) or value <= 0):
-        raise ModelError(f"{where}: key {prefix + key!r} must be a positive number, got {value!r}")
-    return kind(value)
-
-
-def _flag(cfg, key, where, default=False):
-    """cfg[key] (null or absent: `default`) as a JSON true/false."""
-    value = cfg.get(key)
-    value = default if value is None else value
-    if type(value) is not bool:
-        raise ModelError(f"{where}: key {key!r} must be true or false, got {value!r}")
-    return value
-
-
-def _rope_settings(cfg, where):
-    """Read RoPE from either config style: top-level rope_theta/rope_scaling (transformers v4)
-    or rope_parameters (transformers v5)."""
-    key = "rope_parameters" if cfg.get("rope_parameters") is not None else "rope_scaling"
-    params = cfg.get(key) or {}
-    if not isinstance(params, dict):
-        raise ModelError(f"{where}: key {key!r} must be an object, got {params!r}")
-    theta_from, prefix = (params, key + ".") if "rope_theta" in params else (cfg, "")
-    theta = _number(theta_from, "rope_theta", where, 10000.0, float, prefix=prefix)
-    kind = params.get("rope_type", params.get("type", "default"))
-    out = dict(rope_theta=theta, rope_type=kind)
-    if kind == "default":
-        return out
-    if kind == "linear":
-        return out | dict(rope_factor=_number(params, "factor", where, kind=float, prefix=key + "."))
-    if kind == "llama3":
-        low = _number(params, "low_freq_factor", where, kind=float, prefix=key + ".")
-        high = _number(params, "high_freq_factor", where, kind=float, prefix=key + ".")
-        if not high > low:  # the smoothing between the two divides by high - low
-            raise ModelError(f"{where}: key {key}.high_freq_factor ({high}) must exceed low_freq_factor ({low})")
-        return out | dict(
-            rope_factor=_number(params, "factor", where, kind=float, prefix=key + "."),
-            rope_low_freq_factor=low,
-            rope_high_freq_factor=high,
-            rope_original_max_pos=_number(params, "original_max_position_embeddings", where, prefix=key + "."),
-        )
-    raise ModelError(f"{where}: rope type {kind!r} (key rope_scaling/rope_parameters) is not "
-                     f"supported; supported: default, linear, llama3")
-
-
-def args_from_config(cfg: dict, where="config.json") -> ModelArgs:
-    """Map each HF config key we implement onto ModelArgs; refuse what we do not implement, and
-    any value of the wrong type or range, naming the key."""
-    mt = cfg.get("model_type")
-    for key in ("attn_logit_softcapping", "final_logit_softcapping"):  # Gemma 2 (tanh caps on the logits)
-        if cfg.get(key) is not None:
-            raise ModelError(f"{where}: key {key!r} is {cfg[key]!r}: logit soft-capping is not implemented")
-    if mt not in SUPPORTED_TYPES:
-        raise ModelError(f"{where}: model_type {mt!r} is not supported; supported: {', '.join(SUPPORTED_TYPES)}")
-    if mt in ("gemma3", "gemma3_text"):
-        return gemma3_args(cfg, where)
-    act = cfg.get("hidden_act", "silu")
-    if act not in ("silu", "swish"):
-        raise ModelError(f"{where}: hidden_act {act!r} is not supported (only silu)")
-    for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
-        if cfg.get(key) is None:
-            raise ModelError(f"{where}: missing key {key!r}")
-    dim = _number(cfg, "hidden_size", where)
-    n_heads = _number(cfg, "num_attention_heads", where)
-    n_kv_heads = _number(cfg, "num_key_value_heads", where, n_heads)
-    if n_heads % n_kv_heads:  # grouped-query attention shares each kv head among n_heads / n_kv_heads
-        raise ModelError(f"{where}: num_attention_heads {n_heads} is not a multiple of num_key_value_heads {n_kv_heads}")
-    head_dim = _number(cfg, "head_dim", where, dim // n_heads)
-    if head_dim % 2:
-        raise ModelError(f"{where}: head_dim {head_dim} is odd; rotate-half RoPE needs an even head dim")
-    # Qwen2 reads use_sliding_window; Mistral has only sliding_window (null in v0.2+).
-    window = cfg.get("sliding_window")
-    if mt in ("qwen2", "qwen3") and not _flag(cfg, "use_sliding_window", where):
-        window = None
-    if window is not None:
-        window = _number(cfg, "sliding_window", where)
-    bias = _flag(cfg, "attention_bias", where)
-    return ModelArgs(
-        model_type=mt,
-        vocab_size=_number(cfg, "vocab_size", where),
-        dim=dim,
-        n_layers=_number(cfg, "num_hidden_layers", where),
-        n_heads=n_heads,
-        n_kv_heads=n_kv_heads,
-        head_dim=head_dim,
-        ffn_dim=_number(cfg, "intermediate_size", where),
-        norm_eps=_number(cfg, "rms_norm_eps", where, 1e-6, float),
-        # modeling_qwen2: q/k/v always biased; modeling_mistral: never; llama/qwen3: attention_bias
-        qkv_bias=True if mt == "qwen2" else False if mt == "mistral" else bias,
-        o_bias=bias if mt in ("llama", "qwen3") else False,
-        mlp_bias=_flag(cfg, "mlp_bias", where),
-        qk_norm=mt == "qwen3",
-        sliding_window=window,
-        tie_embeddings=_flag(cfg, "tie_word_embeddings", where),
-        max_position_embeddings=_number(cfg, "max_position_embeddings", where, 4096),
-        **_rope_settings(cfg, where),
-    )
-
-
-# transformers' Gemma3TextConfig defaults: a config states only what differs (gemma-3-4b-it's
-# text_config gives 5 keys), so these are part of the format
-GEMMA3_TEXT_DEFAULTS = dict(
-    vocab_size=262_208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8,
-    num_key_value_heads=4, head_dim=256, hidden_activation="gelu_pytorch_tanh", max_position_embeddings=131_072,
-    rms_norm_eps=1e-6, tie_word_embeddings=True, attention_bias=False, query_pre_attn_scalar=256,
-    sliding_window=4096, rope_theta=1_000_000.0, rope_local_base_freq=10_000.0, sliding_window_pattern=6)
-LAYER_TYPES = ("sliding_attention", "full_attention")
-
-
-def gemma3_args(cfg: dict, where) -> ModelArgs:
-    """A gemma3_text config, or a gemma3 (multimodal) one whose text_config describes the text
-    decoder, over GEMMA3_TEXT_DEFAULTS -> ModelArgs (Gemma3TextConfig's meaning of each key)."""
-    if cfg.get("model_type") == "gemma3":
-        text = cfg.get("text_config") or {}
-        if not isinstance(text, dict):
-            raise ModelError(f"{where}: key 'text_config' must be an object, got {text!r}")
-        where = f"{where} (text_config)"
-        cfg = text
-    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
-        if cfg.get(key) is not None:
-            raise ModelError(f"{where}: key {key!r} is {cfg[key]!r}: logit soft-capping is not implemented")
-    cfg = GEMMA3_TEXT_DEFAULTS | {k: v for k, v in cfg.items() if v is not None}
-    if cfg["hidden_activation"] != "gelu_pytorch_tanh":
-        raise ModelError(f"{where}: hidden_activation {cfg['hidden_activation']!r} is not supported "
-                         f"(only gelu_pytorch_tanh)")
-    _flag(cfg, "use_bidirectional_attention", where)  # EmbeddingGemma's default; ours is chosen per call
-    n_heads = _number(cfg, "num_attention_heads", where)
-    n_kv_heads = _number(cfg, "num_key_value_heads", where)
-    if n_heads % n_kv_heads:
-        raise ModelError(f"{where}: num_attention_heads {n_heads} is not a multiple of num_key_value_heads {n_kv_heads}")
-    head_dim = _number(cfg, "head_dim", where)
-    if head_dim % 2:
-        raise ModelError(f"{where}: head_dim {head_dim} is odd; rotate-half RoPE needs an even head dim")
-    n_layers = _number(cfg, "num_hidden_layers", where)
-    layer_types = cfg.get("layer_types")
-    if layer_types is None:  # Gemma3TextConfig: every sliding_window_pattern-th layer is global
-        every = _number(cfg, "sliding_window_pattern", where)
-        layer_types = [LAYER_TYPES[(i + 1) % every == 0] for i in range(n_layers)]
-    if not (isinstance(layer_types, list) and len(layer_types) == n_layers and set(layer_types) <= set(LAYER_TYPES)):
-        raise ModelError(f"{where}: key 'layer_types' must list {n_layers} of {', '.join(LAYER_TYPES)}, "
-                         f"got {layer_types!r}")
-    bias = _flag(cfg, "attention_bias", where)
-    return ModelArgs(
-        model_type="gemma3_text",
-        vocab_size=_number(cfg, "vocab_size", where),
-        dim=_number(cfg, "hidden_size", where),
-        n_layers=n_layers,
-        n_heads=n_heads,
-        n_kv_heads=n_kv_heads,
-        head_dim=head_dim,
-        ffn_dim=_number(cfg, "intermediate_size", where),
-        norm_eps=_number(cfg, "rms_norm_eps", where, kind=float),
-        qkv_bias=bias,
-        o_bias=bias,
-        qk_norm=True,
-        sliding_window=_number(cfg, "sliding_window", where),
-        tie_embeddings=_flag(cfg, "tie_word_embeddings", where),
-        max_position_embeddings=_number(cfg, "max_position_embeddings", where),
-        embed_scale=True,
-        norm_offset=True,
-        sandwich_norm=True,
-        act="gelu_tanh",
-        query_pre_attn_scalar=_number(cfg, "query_pre_attn_scalar", where, kind=float),
-        layer_types=layer_types,
-        **_gemma3_rope(cfg, where),
-    )
-
-
-def _gemma3_rope(cfg, where) -> dict:
-    """Global layers: rope_theta and rope_scaling (v4 style) or rope_parameters.full_attention (v5);
-    sliding layers: rope_local_base_freq or rope_parameters.sliding_attention, default type only."""
-    params = cfg.get("rope_parameters")
-    if not (isinstance(params, dict) and "full_attention" in params):
-        return _rope_settings(cfg, where) | dict(rope_local_theta=_number(cfg, "rope_local_base_freq", where, kind=float))
-    local = params.get("sliding_attention") or {}
-    if not isinstance(local, dict) or local.get("rope_type", "default") != "default":
-        raise ModelError(f"{where}: key 'rope_parameters.sliding_attention' must be default RoPE, got {local!r}")
-    return _rope_settings({"rope_parameters": params["full_attention"]}, where) | dict(
-        rope_local_theta=_number(local, "rope_theta", where, 10_000.0, float, prefix="rope_parameters.sliding_attention."))
-
-
-def config_from_args(args: ModelArgs) -> dict:
-    """The inverse of args_from_config: HF config.json keys (transformers v4 style) that give back
-    `args` (for a model that has no config.json of its own: a GGUF file, t2t.py export)."""
-    if args.model_type == "llama" and args.qkv_bias != args.o_bias:
-        raise ModelError(f"a llama model with q/k/v bias {args.qkv_bias} but o_proj bias {args.o_bias} has no "
-                         f"HF config (attention_bias covers all four)")
-    rope = {"default": None, "linear": dict(rope_type="linear", factor=args.rope_factor),
-            "llama3": dict(rope_type="llama3", factor=args.rope_factor, low_freq_factor=args.rope_low_freq_factor,
-                           high_freq_factor=args.rope_high_freq_factor,
-                           original_max_position_embeddings=args.rope_original_max_pos)}[args.rope_type]
-    if args.model_type == "gemma3_text":
-        return gemma3_config(args, rope)
-    cfg = dict(model_type=args.model_type, architectures=[_ARCHITECTURES[args.model_type]], vocab_size=args.vocab_size,
-               hidden_size=args.dim, num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads,
-               num_key_value_heads=args.n_kv_heads, head_dim=args.head_dim, intermediate_size=args.ffn_dim,
-               hidden_act="silu", rms_norm_eps=args.norm_eps, rope_theta=args.rope_theta, rope_scaling=rope,
-               mlp_bias=args.mlp_bias, tie_word_embeddings=args.tie_embeddings,
-               max_position_embeddings=args.max_position_embeddings, sliding_window=args.sliding_window)
-    if args.model_type in ("llama", "qwen3"):
-        cfg["attention_bias"] = args.qkv_bias
-    if args.model_type in ("qwen2", "qwen3"):
-        cfg["use_sliding_window"] = args.sliding_window is not None
-    return cfg
-
-
-def gemma3_config(args: ModelArgs, rope) -> dict:
-    """config_from_args for Gemma 3: a gemma3_text config.json (Gemma3ForCausalLM)."""
-    return dict(model_type="gemma3_text", architectures=["Gemma3ForCausalLM"], vocab_size=args.vocab_size,
-                hidden_size=args.dim, num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads,
-                num_key_value_heads=args.n_kv_heads, head_dim=args.head_dim, intermediate_size=args.ffn_dim,
-                hidden_activation="gelu_pytorch_tanh", rms_norm_eps=args.norm_eps, rope_theta=args.rope_theta,
-                rope_scaling=rope, rope_local_base_freq=args.rope_local_theta, attention_bias=args.qkv_bias,
-                # an int where it is one: transformers' Gemma3TextConfig refuses 256.0
-                query_pre_attn_scalar=int(q) if (q := args.query_pre_attn_scalar).is_integer() else q,
-                sliding_window=args.sliding_window,
-                layer_types=list(args.layer_types), tie_word_embeddings=args.tie_embeddings,
-                max_position_embeddings=args.max_position_embeddings)
-
-
-_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                  "qwen3": "Qwen3ForCausalLM"}
 
 
 # -----------------------------------------------------------------------------
@@ -314,7 +48,7 @@ _ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", 
 class Embedding(nn.Embedding):
     """nn.Embedding that skips its random init on the meta device: torch's normal_ has no native
     meta kernel, and its Python one imports sympy on first use (~1.3 s and ~80 MB per process,
-    BENCHMARKS.md). A model built on meta gets its weights assigned by load_weights anyway."""
+    BENCHMARKS.md). A model built on meta gets its weights assigned by load (assign_weights) anyway."""
 
     def reset_parameters(self):
         if not self.weight.is_meta:
@@ -571,69 +305,60 @@ def compile_layers(model: Transformer, backend="inductor", mode=None):
 
 
 # -----------------------------------------------------------------------------
-# Weights: HF names onto our modules, and the checks every loaded tensor passes
+# Loading: a strict copy onto a model built on the meta device
 
 
-# Gemma 3's multimodal checkpoints (4B and up) hold the text decoder under another prefix
-# (the published layout, and the one transformers v5 saves) beside the vision tower, which is not read
-LANGUAGE_MODEL = {"language_model.model.": "", "model.language_model.": "", "language_model.lm_head.": "lm_head."}
-VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
+def load(path, device="cpu", dtype=torch.float32):
+    """Any HF checkpoint folder of a supported family, a llama.cpp GGUF file, a model name
+    (checkpoints.resolve_model) or a run directory -> (Transformer, Tokenizer), one copy of the
+    weights: the model is built on the meta device, and the checked tensors are assigned to it."""
+    path = checkpoints.resolve_model(path)
+    if checkpoints.is_run_dir(path):
+        return load_run(path, device, dtype)
+    ckpt = checkpoints.Checkpoint(path)  # config (ModelArgs) read and checked against the tensor shapes
+    with torch.device("meta"):
+        model = Transformer(ckpt.args)
+    assign_weights(model, ckpt.read_weights(weight_shapes(model), device, dtype))
+    return model.eval(), ckpt.tokenizer()
 
 
-def hf_to_ours(key: str) -> str | None:
-    """The one name mapping: HF keys are ours under a 'model.' prefix (lm_head has none); a
-    multimodal Gemma 3's language-model keys likewise; None for its vision tower (left unread)."""
-    if key.startswith(VISION_PREFIXES):
-        return None
-    for prefix, ours in LANGUAGE_MODEL.items():
-        if key.startswith(prefix):
-            return ours + key.removeprefix(prefix)
-    return key.removeprefix("model.")
+def weight_shapes(model) -> dict:
+    """{name: shape} of every tensor a checkpoint must hold for `model` (a tied head is the embedding)."""
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if model.args.tie_embeddings:
+        shapes.pop("lm_head.weight")
+    return shapes
 
 
-def ours_to_hf(key: str) -> str:
-    return key if key == "lm_head.weight" else "model." + key
+def assign_weights(model, state):
+    """The strict copy: every parameter named, no other name. A tied head is given the embedding's
+    tensor for the check, then tied to the embedding's parameter (one tensor, as HF ties it)."""
+    if model.args.tie_embeddings:
+        state = state | {"lm_head.weight": state["embed_tokens.weight"]}
+    model.load_state_dict(state, strict=True, assign=True)
+    if model.args.tie_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
 
 
-def all_finite(t) -> bool:
-    """No NaN or inf in t: one min/max reduction (NaN propagates through both, an inf is the max or
-    the min), ~20x faster than isfinite().all() on CPU and without its [numel] temporary."""
-    if t.numel() == 0:
-        return True
-    lo, hi = torch.aminmax(t.detach())
-    return bool(torch.isfinite(lo) and torch.isfinite(hi))
-
-
-def checked_weight(t, dtype, where):
-    """t cast to dtype, refused (ModelError naming `where`) unless floating point and finite after
-    the cast (so a value that overflows float16 is caught too). One pass over each tensor as it
-    is loaded: no per-step cost."""
-    if not t.is_floating_point():
-        raise ModelError(f"{where} has dtype {t.dtype}; weights must be floating point")
-    out = t.to(dtype)
-    if not all_finite(out):
-        what = "NaN or infinite values" if not all_finite(t) else f"values too large for {dtype}"
-        raise ModelError(f"{where} holds {what}")
-    return out
-
-
-# -----------------------------------------------------------------------------
-# Batches of token ids
-
-
-def pad_batch(seqs, pad_id, masks=None):
-    """Right-pad lists of ids -> input_ids [B, T] long, attention_mask [B, T] bool
-    (and, given per-token masks, those padded with False)."""
-    T = max(1, max(len(s) for s in seqs))
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    att = torch.zeros((len(seqs), T), dtype=torch.bool)
-    sub = torch.zeros((len(seqs), T), dtype=torch.bool)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-        att[i, : len(s)] = True
-        if masks is not None:
-            sub[i, : len(s)] = torch.tensor(masks[i], dtype=torch.bool)
-    return (ids, att) if masks is None else (ids, att, sub)
+def load_run(path, device="cpu", dtype=torch.float32):
+    """A run directory of t2t.py train -> (Transformer, Tokenizer), rebuilt from what it was trained
+    from: stage 2 loads its stage-1 run (which merges its own adapter), then applies and merges its
+    own adapter; full fine-tuning assigns its model.safetensors over the base."""
+    path = Path(path)
+    meta = checkpoints.read_run(path)  # every meta.json down to the base, the weights' manifest
+    model, tok = load(checkpoints.run_source(path), device, dtype)
+    if lora := meta.get("lora"):
+        try:
+            add_lora(model, r=lora["r"], alpha=lora["alpha"], dropout=0.0, targets=lora["targets"])
+        except ModelError as e:  # a target that matches no layer: name the key it came from
+            raise ModelError(f"{path / 'meta.json'}: key 'lora.targets': {e}") from None
+        load_lora(model, path / "adapter.safetensors")
+        merge_lora(model)
+    else:
+        config = checkpoints.base_checkpoint_dir(path) / "config.json"
+        state = checkpoints.read_weights([path / "model.safetensors"], weight_shapes(model), device, dtype, config)
+        assign_weights(model, state)
+    return model.eval(), tok
 
 
 # -----------------------------------------------------------------------------
@@ -756,6 +481,15 @@ def lora_state_dict(model) -> dict:
     return {k: v.detach().contiguous() for k, v in model.state_dict().items() if "lora_" in k}
 
 
+def load_lora(model, path):
+    """Load an adapter saved by save_lora into `model`'s adapters (add_lora first); every key must match."""
+    checkpoints.copy_adapter(lora_state_dict(model), path)
+
+
+def save_lora(model, path):
+    save_weights_atomic(lora_state_dict(model), path)
+
+
 # -----------------------------------------------------------------------------
 # Pooling and the embedder
 
@@ -777,7 +511,7 @@ class Embedder:
 
     pooling 'mean' averages the text's own tokens (BOS included, a prompt's tokens excluded);
     'last' takes the last token, by default with the PromptEOL template. One loaded with the
-    settings it was trained or exported with: checkpoints.embedder_from_run / _from_pretrained."""
+    settings it was trained or exported with: Embedder.from_run / .from_pretrained."""
 
     def __init__(self, model, tokenizer, pooling="mean", causal=False, max_length=512, prompt=None):
         if pooling not in ("mean", "last"):
@@ -786,6 +520,32 @@ class Embedder:
         self.pooling, self.causal, self.max_length = pooling, causal, max_length
         self.prompt = PROMPT_EOL if (prompt is None and pooling == "last") else prompt
         self.dim = model.args.dim
+
+    @classmethod
+    def from_pretrained(cls, path, pooling=None, attention=None, max_length=None, prompt=None,
+                        device="cpu", dtype=torch.float32):
+        """An HF checkpoint folder, GGUF file or model name -> Embedder; settings not given come from its
+        text2token.json (written by `t2t.py export`) or default to mean pooling, bidirectional
+        attention, 512 tokens. A run directory goes to from_run."""
+        given = dict(pooling=pooling, attention=attention, max_length=max_length, prompt=prompt)
+        path = checkpoints.resolve_model(path)
+        if checkpoints.is_run_dir(path):
+            return cls.from_run(path, device, dtype, **given)
+        saved = checkpoints.read_settings(path)
+        return cls.with_settings(*load(path, device, dtype), saved, given)
+
+    @classmethod
+    def from_run(cls, run_dir, device="cpu", dtype=torch.float32, **given):
+        """A run directory's model with the attention, pooling and prompt it was trained with
+        (meta.json's "embedding"); settings given that are not None win."""
+        saved = checkpoints.read_run_meta(run_dir).get("embedding", {})
+        return cls.with_settings(*load(run_dir, device, dtype), saved, given)
+
+    @classmethod
+    def with_settings(cls, model, tokenizer, saved: dict, given: dict):
+        s = saved | {k: v for k, v in given.items() if v is not None}
+        return cls(model, tokenizer, s.get("pooling", "mean"), attention_is_causal(s.get("attention", "bidirectional")),
+                   s.get("max_length", 512), s.get("prompt"))
 
     @property
     def device(self):
@@ -845,7 +605,3 @@ def attention_is_causal(attention: str) -> bool:
     if attention not in ("causal", "bidirectional"):
         raise ModelError(f"attention {attention!r} is not supported (causal or bidirectional)")
     return attention == "causal"
-
-
-def args_dict(args: ModelArgs) -> dict:
-    return asdict(args)

@@ -11,8 +11,9 @@ Dimensions: B batch, T tokens, D hidden, V vocabulary, k sparse target slots.
 `python t2t.py train` with no arguments runs the CPU demo (stage 1 then stage 2 on the bundled
 tiny Llama and Wikipedia sample) and prints the STS Benchmark score after each stage.
 
-Beside it: checkpoints.py (loading and export), runs.py (the run lock, stop signals, checkpoints,
-torchrun), files.py (careful reading, atomic writes).
+Beside it: model.py (the network; load), checkpoints.py (checkpoint files, run metadata, export),
+runs.py (the run lock, stop signals, checkpoints, torchrun), files.py (careful reading, atomic
+writes), targets.py (the targets and the loss), evaluate.py (the dev scores).
 
 Not included: pipeline/tensor parallelism, FSDP, evaluation during training beyond the dev tasks.
 """
@@ -34,9 +35,12 @@ import torch
 import torch.distributed as dist
 
 import checkpoints as C
+import evaluate as E  # the dev scores, the line rules of text files (it needs only numpy)
+import export_st
 import model as M
 import runs as R
 import targets as T
+from config import checked_weight
 from files import WriteError, save_weights_atomic, write_json_atomic, write_manifest
 from runs import Stopped, StopSignals, TrainError
 
@@ -157,12 +161,11 @@ def read_texts(path) -> list[str]:
     length is one text (tokenization truncates it to --max-length). JSON escapes, "\\u0000"
     included, are the writer's choice and kept. Blank (whitespace-only) lines are counted and
     reported, never silently dropped."""
-    from evaluate import text_lines  # one set of line rules for every reader (evaluate.py needs only numpy)
     path = Path(path)
     if not path.is_file():
         raise TrainError(f"{path}: file not found")
     texts, blank = [], 0
-    for n, line in text_lines(path, TrainError):
+    for n, line in E.text_lines(path, TrainError):  # one set of line rules for every reader
         if not line.strip():
             blank += 1
             continue
@@ -273,7 +276,7 @@ def build_student(args, device, precision, log):
     dtype = torch.bfloat16 if (lora and precision == "bf16") else torch.float16 if (lora and precision == "fp16") \
         else torch.float32
     source = args.init if args.stage == 2 else args.model
-    model, tok = C.load(source, device, dtype)
+    model, tok = M.load(source, device, dtype)
     teacher = None
     if args.stage == 2 and not lora:
         teacher = copy.deepcopy(model).eval()  # full fine-tuning needs a frozen copy
@@ -320,7 +323,7 @@ def background(args, out, embedder, texts, rank, world, log):
         if theta is None or tuple(theta.shape) != (embedder.model.args.vocab_size,):
             raise TrainError(f"{cache}: expected one tensor 'logits' of shape [{embedder.model.args.vocab_size}] "
                              "(delete the file to recompute it)")
-        return M.checked_weight(theta, torch.float32, f"{cache}: tensor 'logits'").to(embedder.device)
+        return checked_weight(theta, torch.float32, f"{cache}: tensor 'logits'").to(embedder.device)
     sample = texts[: args.background_samples] if args.background_samples else texts
     t0 = time.time()
     shard = sample[rank::world]
@@ -471,7 +474,6 @@ def check_train_flags(args):
     if args.stage == 2 and not args.init:
         raise TrainError("--stage 2 needs --init RUN_DIR (the stage-1 run)")
     if args.eval_every:
-        import evaluate as E  # only when asked: the loop itself needs no evaluator
         for task in args.eval_data.split(","):
             E.resolve_task(task)  # an unknown task fails now, not after the first eval_every steps
     if args.out is None:
@@ -585,7 +587,6 @@ def train_loop(args, argv, stops, s, opt, sched, scaler, step, position, last_ck
                        tokens_per_s=round(n_tok * world / dt, 1), target_entropy=round(ent_sum / args.grad_accum, 4),
                        elapsed_s=round(elapsed, 2))
         if rank == 0 and args.eval_every and (step % args.eval_every == 0 or step == total):
-            import evaluate as E  # only when asked: the loop itself needs no evaluator
             for task in args.eval_data.split(","):  # each dev task's main score, logged as eval_<task>
                 with autocast_ctx(precision, device):  # 16-bit base weights and fp32 adapters meet as in training
                     score = E.evaluate_task(emb, task, batch_size=64)["main_score"]
@@ -637,7 +638,6 @@ def run_preset(name, argv, stops=None):
     """Stage 1 then stage 2 of a preset into runs/NAME (an earlier one is replaced), with the STS
     Benchmark test score (cosine Spearman) of the untrained model and after each stage. Scores use
     the training precision's dtype (bf16 weights for a bf16 run)."""
-    import evaluate as E
     root = Path("runs") / name
     if root.exists():
         print(f"replacing the earlier {name} run in {root}")
@@ -652,7 +652,7 @@ def run_preset(name, argv, stops=None):
         args = apply_preset(p.parse_args(argv + extra), argv + extra)
         dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
         if stage == 1:
-            untrained = C.embedder_from_pretrained(args.model, args.pooling, args.attention, args.max_length,
+            untrained = M.Embedder.from_pretrained(args.model, args.pooling, args.attention, args.max_length,
                                                    args.prompt, dtype=dtype)
             scores["untrained"] = E.evaluate_sts(untrained, "STSBenchmark")["cosine_spearman"]
             print(f"STS Benchmark test, untrained: {scores['untrained']:.4f}")
@@ -660,7 +660,7 @@ def run_preset(name, argv, stops=None):
         print(f"{name} stage {stage}: " + " ".join(f"--{k.replace('_', '-')} {v}"
                                                    for k, v in PRESETS[name][stage].items()))
         run = train(args, argv + extra, stops)
-        trained = C.embedder_from_run(run, dtype=dtype)
+        trained = M.Embedder.from_run(run, dtype=dtype)
         scores[f"stage{stage}"] = E.evaluate_sts(trained, "STSBenchmark")["cosine_spearman"]
         del trained
         print(f"STS Benchmark test, after stage {stage}: {scores[f'stage{stage}']:.4f}")
@@ -705,54 +705,19 @@ def cmd_export(args):
     emb = embedder_for(args.model, args)
     dtype = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     if args.format == "sentence-transformers":
-        import export_st
         export_st.check_exportable(emb)  # before anything is written
         export_st.save_sentence_transformers(emb, C.base_checkpoint_dir(args.model), out,
-                                             export_card(args.model, args.results), dtype=dtype)
+                                             export_st.card_facts(args.model, args.results), dtype=dtype)
     else:
         C.save_hf(emb.model, C.base_checkpoint_dir(args.model), out, emb.settings(), dtype=dtype)
     print(f"exported {args.model} -> {out} ({args.format}, {emb.settings()})")
-
-
-def export_card(model, results_dir) -> dict:
-    """What export_st's model card says about a run or checkpoint: base model and its licence, the
-    recipe (stage, LoRA or full, steps, lr, data), and evaluate.py's scores found under results_dir."""
-    import export_st
-    base = C.base_checkpoint_dir(model)
-    card = dict(name=Path(model).resolve().name, base_model=str(base), license=export_st.base_licence(base))
-    if C.is_run_dir(model):
-        meta = C.read_run_meta(model)
-        a = meta.get("args", {})
-        card.update(stage=meta.get("stage"), recipe=(
-            f"Text2Token stage {meta.get('stage')} ({'data-driven' if meta.get('stage') == 1 else 'model-derived'} "
-            f"targets), {'LoRA r=%s' % meta['lora']['r'] if meta.get('lora') else 'full fine-tuning'}, "
-            f"{meta.get('total_steps')} steps, lr {a.get('lr')}, {meta.get('n_texts')} texts of {a.get('data')}"))
-        name = f"text2token/{Path(model).resolve().name}"  # evaluate.py's name for a run
-    else:
-        name = f"local/{Path(model).resolve().name}"
-    card["scores"] = export_st.read_scores(results_dir, name, C.weights_sha256(model))
-    return card
-
-
-@torch.no_grad()
-def top_tokens(emb, texts, k=10, what="inspect"):
-    """The paper's token-alignment view: top-k of softmax(lm_head(h(x))), and per text the share
-    of those k tokens that occur among the input's token ids (hit@k is that share > 0). NaN or
-    infinite logits are an error naming the text, not a row of NaN probabilities."""
-    logits = emb.model.token_logits(emb.embed(texts))  # [B, V]
-    T.check_logits(logits, texts, 0, what)
-    probs = logits.softmax(-1)  # [B, V]
-    p, ids = probs.topk(k, dim=-1)  # [B, k]
-    inputs = emb.tokenizer.encode(texts, add_special_tokens=False, max_length=emb.max_length)
-    hits = [len(set(row.tolist()) & set(inp)) / k for row, inp in zip(ids, inputs)]  # overlap@k
-    return p, ids, hits
 
 
 def cmd_inspect(args):
     emb = embedder_for(args.model, args)
     emb.model.eval()
     if args.texts:
-        p, ids, hits = top_tokens(emb, args.texts, args.top, f"inspect --model {args.model}")
+        p, ids, hits = T.top_tokens(emb, args.texts, args.top, f"inspect --model {args.model}")
         for text, pr, row, hit in zip(args.texts, p, ids, hits):
             print(f"{text[:80]!r}  hit@{args.top}={int(hit > 0)} overlap@{args.top}={hit:.1f}")
             print("   " + "  ".join(f"{emb.tokenizer.decode([i])!r} {q:.3g}" for i, q in zip(row.tolist(), pr.tolist())))
@@ -760,7 +725,7 @@ def cmd_inspect(args):
         texts = read_texts(args.corpus)[: args.n]
         hits = []
         for s in range(0, len(texts), args.batch_size):
-            hits += top_tokens(emb, texts[s: s + args.batch_size], args.top, f"inspect --model {args.model}")[2]
+            hits += T.top_tokens(emb, texts[s: s + args.batch_size], args.top, f"inspect --model {args.model}")[2]
         rate = sum(h > 0 for h in hits) / len(hits)
         print(f"over {len(texts)} texts of {args.corpus}: hit@{args.top} {rate:.4f}, "
               f"overlap@{args.top} {sum(hits) / len(hits):.4f} (share of the top tokens found in the input)")
@@ -771,7 +736,7 @@ def cmd_inspect(args):
 
 def embedder_for(path, args, dtype=torch.float32):
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    return C.embedder_from_pretrained(path, args.pooling, args.attention, args.max_length, args.prompt, device, dtype)
+    return M.Embedder.from_pretrained(path, args.pooling, args.attention, args.max_length, args.prompt, device, dtype)
 
 
 def progress_printer(what):
@@ -843,7 +808,6 @@ def command(argv, stops):
 def cli():
     """The command line's exit statuses: 0 done, 2 an error (one line, no traceback), 128 + the
     signal's number after a stop signal (143 SIGTERM, 130 SIGINT, 138 SIGUSR1; see Stopped)."""
-    import evaluate as E  # for its error type (--eval-data, the demo's scores); it needs only numpy
     try:
         main()
     except (TrainError, M.ModelError, T.TargetsError, E.EvalError) as e:

@@ -4,7 +4,8 @@ Follows README.md, "The method": "Stage 1" (data-driven targets: the text's own 
 (model-derived targets: tokens likely for this text relative to the corpus average) and "Loss"
 (KL(q || softmax(z)), batch mean, fp32), reconstructed from Text2Token (arXiv 2510.10224) and the
 authors' research code. Pure functions of texts, token ids and logits, plus the drivers that run
-an embedder over a corpus (background logits, precomputed stage-2 targets).
+an embedder over a corpus (background logits, precomputed stage-2 targets), and top_tokens: the
+tokens lm_head(h(x)) does predict (`t2t.py inspect`).
 
 Dimensions: N texts, B batch, V vocabulary, D hidden, k slots of a sparse target.
 Sparse targets: ids [.., k] (-1 = empty slot) and weights [.., k] (0 in empty slots, rows sum to 1).
@@ -182,6 +183,20 @@ def check_logits(z, texts, start, what):
         i = start + int(bad.nonzero()[0])
         raise TargetsError(f"{what}: the model's logits for text {i} ({texts[i][:60]!r}) are NaN or infinite "
                            "(its weights or LM head overflow)")
+
+
+@torch.no_grad()
+def top_tokens(emb, texts, k=10, what="inspect"):
+    """The paper's token-alignment view: top-k of softmax(lm_head(h(x))), and per text the share
+    of those k tokens that occur among the input's token ids (hit@k is that share > 0). NaN or
+    infinite logits are an error naming the text, not a row of NaN probabilities."""
+    logits = emb.model.token_logits(emb.embed(texts))  # [B, V]
+    check_logits(logits, texts, 0, what)
+    probs = logits.softmax(-1)  # [B, V]
+    p, ids = probs.topk(k, dim=-1)  # [B, k]
+    inputs = emb.tokenizer.encode(texts, add_special_tokens=False, max_length=emb.max_length)
+    hits = [len(set(row.tolist()) & set(inp)) / k for row, inp in zip(ids, inputs)]  # overlap@k
+    return p, ids, hits
 
 
 @torch.no_grad()

@@ -4,6 +4,7 @@ Follows transformers' PreTrainedTokenizerFast as the checkpoints use it: special
 the checkpoint's own post-processor (Llama/Mistral add BOS, Qwen adds nothing), adjusted by
 tokenizer_config.json's add_bos_token / add_eos_token (LlamaTokenizerFast.update_post_processor).
 A prompt template wraps the text; its tokens are marked so that pooling can leave them out.
+pad_batch right-pads lists of ids into the tensors the model takes.
 
 Dimensions: B batch, T tokens.
 
@@ -13,10 +14,10 @@ GGUF files build their tokenizer in gguf_file.py.
 
 from pathlib import Path
 
+import torch
 from tokenizers import Tokenizer as HFTokenizer
 
-from files import read_json, read_text
-from model import ModelError, pad_batch
+from files import ModelError, read_json, read_text
 
 
 class Tokenizer:
@@ -133,3 +134,19 @@ class Tokenizer:
 
     def decode(self, ids):
         return self.tok.decode(list(ids), skip_special_tokens=False)
+
+
+def pad_batch(seqs, pad_id, masks=None):
+    """Right-pad lists of ids -> input_ids [B, T] long, attention_mask [B, T] bool
+    (and, given per-token masks, those padded with False)."""
+    T = max(1, max(len(s) for s in seqs))
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    att = torch.zeros((len(seqs), T), dtype=torch.bool)
+    sub = torch.zeros((len(seqs), T), dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        att[i, : len(s)] = True
+        if masks is not None:
+            sub[i, : len(s)] = torch.tensor(masks[i], dtype=torch.bool)
+    return (ids, att) if masks is None else (ids, att, sub)
+

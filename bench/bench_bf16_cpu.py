@@ -34,7 +34,6 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common as C  # noqa: E402  (puts the repo root and tests/ on sys.path)
 
-import checkpoints  # noqa: E402
 import evaluate as E  # noqa: E402
 import model as M  # noqa: E402
 
@@ -44,7 +43,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def encoding(model, texts, batch_size, max_length, repeats):
-    embs = {k: checkpoints.embedder_from_pretrained(model, "mean", "bidirectional", max_length, dtype=d) for k, d in DTYPES.items()}
+    embs = {k: M.Embedder.from_pretrained(model, "mean", "bidirectional", max_length, dtype=d) for k, d in DTYPES.items()}
     med, out = C.alternate({k: (lambda e=e: e.encode(texts, batch_size)) for k, e in embs.items()}, repeats)
     a, b = out["fp32"], out["bf16"]
     cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
@@ -97,7 +96,7 @@ def sts_scores(model, sts_file, max_length):
     out = {}
     for attention, pooling in SETTINGS:
         for name, dtype in DTYPES.items():
-            emb = checkpoints.embedder_from_pretrained(model, pooling, attention, max_length, dtype=dtype)
+            emb = M.Embedder.from_pretrained(model, pooling, attention, max_length, dtype=dtype)
             out.setdefault((attention, pooling), {})[name] = E.evaluate_sts(emb, sts_file, batch_size=32)["cosine_spearman"]
         print(f"STS {attention}/{pooling}: {out[(attention, pooling)]}", flush=True)
     return out

@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common as C  # noqa: E402  (puts the repo root and tests/ on sys.path)
 
-import checkpoints  # noqa: E402
+import model  # noqa: E402
 
 
 def time_training(argv, device, steps, warmup=2):
@@ -66,9 +66,9 @@ def time_training(argv, device, steps, warmup=2):
 
 def time_encoding(model_path, dtype, device, texts, batch_size, max_length, repeats):
     """Embedder.encode eager vs compiled on the same weights -> dict of measurements."""
-    eager = checkpoints.embedder_from_pretrained(model_path, "mean", "bidirectional", max_length, device=device, dtype=dtype)
-    compiled = checkpoints.embedder_from_pretrained(model_path, "mean", "bidirectional", max_length, device=device,
-                                          dtype=dtype).compile()
+    eager = model.Embedder.from_pretrained(model_path, "mean", "bidirectional", max_length, device=device, dtype=dtype)
+    compiled = model.Embedder.from_pretrained(model_path, "mean", "bidirectional", max_length, device=device,
+                                              dtype=dtype).compile()
     out, times = {}, {"eager": [], "compiled": []}
     t = time.perf_counter()
     out["eager"] = eager.encode(texts, batch_size)

@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common as C  # noqa: E402  (puts the repo root and tests/ on sys.path)
 
-import checkpoints  # noqa: E402
+import model  # noqa: E402
 
 
 def random_llama_with_mistral_tokenizer(path):
@@ -63,7 +63,7 @@ def naive_encoder(path, max_length):
 
 
 def compare(path, texts, args):
-    ours = checkpoints.embedder_from_pretrained(path, "mean", "bidirectional", args.max_length)
+    ours = model.Embedder.from_pretrained(path, "mean", "bidirectional", args.max_length)
     naive = naive_encoder(path, args.max_length)
     times = {"ours": [], "naive": []}
     runs = {"ours": lambda: ours.encode(texts, batch_size=args.batch_size),

@@ -44,7 +44,7 @@ MAX_LENGTH, R, ALPHA, DROPOUT, LR = 128, 16, 32, 0.05, 5e-5
 
 
 def hf_folder(tmp) -> Path:
-    model, _ = CK.load("gemma3-270m")
+    model, _ = M.load("gemma3-270m")
     return CK.save_hf(model, CK.resolve_model("gemma3-270m"), Path(tmp) / "gemma3-270m", {})
 
 
@@ -130,7 +130,7 @@ def memory_child(side, folder, batch_size):
     texts = WIKI.read_text(encoding="utf-8").splitlines()[:batch_size]
     tok = CK.load_tokenizer(folder)
     if side == "ours":
-        model, _ = CK.load(folder)
+        model, _ = M.load(folder)
         step = our_step_fn(model, tok, texts)
     else:
         step = their_step_fn(load_hf(folder), tok, texts)
@@ -160,7 +160,7 @@ def main():
         return memory_child(args.memory_child, args.folder, args.batch_size)
     with tempfile.TemporaryDirectory() as tmp:
         folder = hf_folder(tmp)
-        ours, tok = CK.load(folder)
+        ours, tok = M.load(folder)
         hf = load_hf(folder)
         texts = sts_texts(args.texts)
         emb = M.Embedder(ours, tok, "mean", causal=True, max_length=MAX_LENGTH)

@@ -4,7 +4,7 @@
 
 Writes a random Llama (D=1024, 16 layers, V=32000: ~1.0 GB in fp32) with transformers'
 save_pretrained(max_shard_size=...) into a temporary folder, then loads it in a fresh subprocess
-per try: `checkpoints.load` (ours), AutoModelForCausalLM.from_pretrained (transformers), and, to show what
+per try: `model.load` (ours), AutoModelForCausalLM.from_pretrained (transformers), and, to show what
 the meta-device build avoids, a naive load (a materialised model, then safetensors' load_file of
 each shard and load_state_dict: a copy), fp32 on CPU.
 Each child measures VmRSS after its imports (torch, safetensors, and transformers' Llama modeling
@@ -55,10 +55,11 @@ def child(side, path):
     t_import = time.perf_counter()
     import safetensors.torch  # noqa: F401
     if side == "ours":
+        import model as M
+        load = lambda: M.load(path)[0]  # noqa: E731
+    elif side == "naive":  # what model.load avoids: a materialised model, then a copy of the file's tensors
         import checkpoints
-        load = lambda: checkpoints.load(path)[0]  # noqa: E731
-    elif side == "naive":  # what checkpoints.load avoids: a materialised model, then a copy of the file's tensors
-        import checkpoints
+        import config
         import files
         import model as M
         from safetensors.torch import load_file
@@ -66,7 +67,7 @@ def child(side, path):
         def load():
             m = M.Transformer(M.args_from_config(files.read_json(Path(path) / "config.json")))
             for f in checkpoints.weight_files(path):
-                m.load_state_dict({M.hf_to_ours(k): v for k, v in load_file(str(f)).items()}, strict=False)
+                m.load_state_dict({config.hf_to_ours(k): v for k, v in load_file(str(f)).items()}, strict=False)
             return m
     else:
         import transformers.models.llama.modeling_llama  # noqa: F401  (the code it will run)
@@ -127,7 +128,7 @@ def main():
         tries = compare(path, args.repeats, args.threads)
     rows = []
     med = {}
-    for side, name in (("ours", "ours (checkpoints.load)"), ("theirs", "transformers from_pretrained"),
+    for side, name in (("ours", "ours (model.load)"), ("theirs", "transformers from_pretrained"),
                        ("naive", "naive: nn.Module on CPU + load_file + load_state_dict")):
         t = tries[side]
         med[side] = {k: C.median([r[k] for r in t]) for k in ("seconds", "with_imports", "after_load", "peak", "after")}

@@ -54,6 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common as C  # noqa: E402  (puts the repo root and tests/ on sys.path)
 
 import checkpoints  # noqa: E402
+import model  # noqa: E402
 import t2t  # noqa: E402
 import targets as T  # noqa: E402
 
@@ -68,8 +69,8 @@ def hf_folder(name, tmp):
     """'smollm2': our GGUF load written as an HF folder (checkpoints.save_hf); 'llama': BENCH_LLAMA, random,
     Mistral tokenizer; 'stories260K': the bundled folder; anything else: an HF folder path."""
     if name == "smollm2":
-        model, _ = checkpoints.load("smollm2")
-        return checkpoints.save_hf(model, checkpoints.resolve_model("smollm2"), Path(tmp) / "smollm2", {})
+        net, _ = model.load("smollm2")
+        return checkpoints.save_hf(net, checkpoints.resolve_model("smollm2"), Path(tmp) / "smollm2", {})
     if name == "llama":
         from bench_encode import random_llama_with_mistral_tokenizer
         return random_llama_with_mistral_tokenizer(Path(tmp) / "llama")
@@ -248,7 +249,7 @@ def st_encoder(folder, dtype, max_length):
 
 
 def encode_pair(folder, texts, dtype, batch_size, max_length, repeats, profile=False):
-    ours = checkpoints.embedder_from_pretrained(folder, "mean", "causal", max_length, dtype=dtype)
+    ours = model.Embedder.from_pretrained(folder, "mean", "causal", max_length, dtype=dtype)
     theirs = st_encoder(folder, dtype, max_length)
     runs = {"ours": lambda: ours.encode(texts, batch_size=batch_size),
             "theirs": lambda: theirs.encode(texts, batch_size=batch_size, convert_to_numpy=True,

@@ -24,7 +24,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common as C  # noqa: E402  (puts the repo root and tests/ on sys.path)
 
-import checkpoints  # noqa: E402
 import model as M  # noqa: E402
 import targets as T  # noqa: E402
 
@@ -63,7 +62,7 @@ def main():
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        model, tok = checkpoints.load(write_checkpoint(Path(tmp) / "ckpt"))
+        model, tok = M.load(write_checkpoint(Path(tmp) / "ckpt"))
     params = M.add_lora(model, R, ALPHA, DROPOUT)
     model.train()
     emb = M.Embedder(model, tok, "mean", causal=False)

@@ -28,7 +28,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common as C  # noqa: E402  (puts the repo root and tests/ on sys.path)
 
-import checkpoints  # noqa: E402
 import model as M  # noqa: E402
 import targets as T  # noqa: E402
 
@@ -48,7 +47,7 @@ class Side:
     def __init__(self, side, path, dropout=DROPOUT):
         self.side = side
         if side == "ours":
-            self.model, tok = checkpoints.load(path)
+            self.model, tok = M.load(path)
             self.params = M.add_lora(self.model, R, ALPHA, dropout)
             self.emb = M.Embedder(self.model, tok, "mean", causal=False)
         else:

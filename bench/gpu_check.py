@@ -69,7 +69,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common as C  # noqa: E402  (puts the repo root and tests/ on sys.path)
 
-import checkpoints  # noqa: E402
 import model as M  # noqa: E402
 import targets as T  # noqa: E402
 import tokenizer  # noqa: E402
@@ -565,8 +564,8 @@ def section_agreement(check):
     texts = C.scifact_texts(200 if not check.dry else 16)
     out = check.results.setdefault("bf16 vs fp32", {})
     # the bundled model, loaded in each dtype as a user would
-    e32 = checkpoints.embedder_from_pretrained(C.STORIES, device=check.device, dtype=torch.float32, max_length=check.max_len)
-    e16 = checkpoints.embedder_from_pretrained(C.STORIES, device=check.device, dtype=torch.bfloat16, max_length=check.max_len)
+    e32 = M.Embedder.from_pretrained(C.STORIES, device=check.device, dtype=torch.float32, max_length=check.max_len)
+    e16 = M.Embedder.from_pretrained(C.STORIES, device=check.device, dtype=torch.bfloat16, max_length=check.max_len)
     cos = cosines(e32.encode(texts), e16.encode(texts))
     out["stories260K"] = dict(min=float(cos.min()), mean=float(cos.mean()))
     # a random Qwen2.5-0.5B shape, N(0, 0.02), fp32 then the same weights cast to bf16

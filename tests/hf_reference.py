@@ -224,9 +224,9 @@ def parity_errors(path, lengths=(16, 9, 3, 16), seed: int = 0) -> dict:
     the LM-head logits of those hidden states."""
     if str(ROOT) not in sys.path:  # model.py, the code under test, lives at the repo root
         sys.path.insert(0, str(ROOT))
-    import checkpoints
+    import model
 
-    ours, _ = checkpoints.load(path)
+    ours, _ = model.load(path)
     hf = load_hf(path)
     ids, mask = random_batch(lengths, seed=seed)
     real = mask.bool()

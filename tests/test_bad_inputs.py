@@ -167,18 +167,18 @@ def test_config_values_refused_with_the_key(ckpt, changes, needles):
     """Wrong types and sizes are named before any model is built: no torch error, no hang building
     a trillion layers on the meta device."""
     edit_json(ckpt / "config.json", **changes)
-    raises(model.ModelError, lambda: checkpoints.load(ckpt), ckpt / "config.json", *needles)
+    raises(model.ModelError, lambda: model.load(ckpt), ckpt / "config.json", *needles)
 
 
 def test_json_files_with_a_bom_read_and_bad_bytes_name_the_line(ckpt):
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
         (ckpt / name).write_bytes(codecs.BOM_UTF8 + (STORIES / name).read_bytes())
-    m, tok = checkpoints.load(ckpt)  # a BOM is dropped, as in every text file we read
+    m, tok = model.load(ckpt)  # a BOM is dropped, as in every text file we read
     assert tok.encode(["Lily"])[0][0] == 1
     (ckpt / "config.json").write_bytes(b'{\n"a": 1,\n"b": "\xff"}')
-    raises(model.ModelError, lambda: checkpoints.load(ckpt), f"{ckpt / 'config.json'}:3: not UTF-8")
+    raises(model.ModelError, lambda: model.load(ckpt), f"{ckpt / 'config.json'}:3: not UTF-8")
     (ckpt / "config.json").write_text("[1, 2]")
-    raises(model.ModelError, lambda: checkpoints.load(ckpt), "expected a JSON object at the top level, got list")
+    raises(model.ModelError, lambda: model.load(ckpt), "expected a JSON object at the top level, got list")
 
 
 @pytest.mark.parametrize("changes, what", [
@@ -195,20 +195,20 @@ def test_safetensors_truncated_flipped_integer_duplicated(ckpt):
     weights = ckpt / "model.safetensors"
     good = weights.read_bytes()
     weights.write_bytes(good[: len(good) // 2])  # truncated in the data
-    raises(model.ModelError, lambda: checkpoints.load(ckpt), weights, "not a readable safetensors file")
+    raises(model.ModelError, lambda: model.load(ckpt), weights, "not a readable safetensors file")
     weights.write_bytes(good[:5])  # truncated in the length prefix
-    raises(model.ModelError, lambda: checkpoints.load(ckpt), weights, "not a readable safetensors file")
+    raises(model.ModelError, lambda: model.load(ckpt), weights, "not a readable safetensors file")
     header_len = int.from_bytes(good[:8], "little")
     flipped = bytearray(good)
     flipped[8 + header_len // 2] ^= 0x80  # a non-ASCII byte in the JSON header
     weights.write_bytes(bytes(flipped))
-    raises(model.ModelError, lambda: checkpoints.load(ckpt), weights, "not a readable safetensors file")
+    raises(model.ModelError, lambda: model.load(ckpt), weights, "not a readable safetensors file")
     weights.write_bytes(good)
     edit_tensor(weights, "model.norm.weight", lambda t: t.to(torch.int32))  # same shape, integer dtype
-    raises(model.ModelError, lambda: checkpoints.load(ckpt), weights, "'model.norm.weight' has dtype torch.int32")
+    raises(model.ModelError, lambda: model.load(ckpt), weights, "'model.norm.weight' has dtype torch.int32")
     weights.write_bytes(good)
     save_file({"model.norm.weight": torch.ones(64)}, str(ckpt / "extra.safetensors"))
-    raises(model.ModelError, lambda: checkpoints.load(ckpt), "'model.norm.weight' is also in")
+    raises(model.ModelError, lambda: model.load(ckpt), "'model.norm.weight' is also in")
 
 
 def test_index_names_only_files_beside_it(ckpt):
@@ -216,7 +216,7 @@ def test_index_names_only_files_beside_it(ckpt):
     keys = list(load_file(str(ckpt / "model.safetensors")))
     for name in ("../model.safetensors", "x" * 5000 + ".safetensors", "a\x00b", 7):
         index.write_text(json.dumps({"weight_map": {k: name for k in keys}}))
-        raises(model.ModelError, lambda: checkpoints.load(ckpt), index)
+        raises(model.ModelError, lambda: model.load(ckpt), index)
 
 
 # -----------------------------------------------------------------------------
@@ -247,14 +247,14 @@ def fresh_copy(run, tmp_path):
 def test_train_writes_format_version_and_load_checks_it(lora_run, tmp_path):
     meta = json.loads((lora_run / "meta.json").read_text())
     assert meta["format_version"] == checkpoints.RUN_FORMAT == 1
-    checkpoints.embedder_from_run(lora_run)  # reads
+    model.Embedder.from_run(lora_run)  # reads
     run = fresh_copy(lora_run, tmp_path)
     for value, what in [(2, "'format_version' is 2"), ("1", "'format_version' is '1'"), (None, "is None")]:
         edit_json(run / "meta.json", format_version=value)
-        raises(model.ModelError, lambda: checkpoints.load(run), run / "meta.json", what)
+        raises(model.ModelError, lambda: model.load(run), run / "meta.json", what)
     del meta["format_version"]
     (run / "meta.json").write_text(json.dumps(meta))
-    raises(model.ModelError, lambda: checkpoints.embedder_from_run(run), run / "meta.json", "missing key 'format_version'")
+    raises(model.ModelError, lambda: model.Embedder.from_run(run), run / "meta.json", "missing key 'format_version'")
     raises(model.ModelError, lambda: checkpoints.base_checkpoint_dir(run), "missing key 'format_version'")
 
 
@@ -276,7 +276,7 @@ def test_train_writes_format_version_and_load_checks_it(lora_run, tmp_path):
 def test_meta_keys_refused_with_the_key(lora_run, tmp_path, changes, what):
     run = fresh_copy(lora_run, tmp_path)
     edit_json(run / "meta.json", **changes)
-    raises(model.ModelError, lambda: checkpoints.embedder_from_run(run), run / "meta.json", what)
+    raises(model.ModelError, lambda: model.Embedder.from_run(run), run / "meta.json", what)
 
 
 def test_runs_that_name_each_other_are_refused(lora_run, tmp_path):
@@ -284,7 +284,7 @@ def test_runs_that_name_each_other_are_refused(lora_run, tmp_path):
     shutil.copytree(lora_run, b)
     edit_json(a / "meta.json", init=str(b))
     edit_json(b / "meta.json", init=str(a))
-    raises(model.ModelError, lambda: checkpoints.load(a), "form a loop")
+    raises(model.ModelError, lambda: model.load(a), "form a loop")
 
 
 def test_resume_of_a_run_from_another_version_is_refused(lora_run, tmp_path):
@@ -325,14 +325,14 @@ def test_targets_header_must_be_an_object(tmp_path):
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_nonfinite_weight_refused_at_load(ckpt, bad):
     edit_tensor(ckpt / "model.safetensors", "model.layers.3.mlp.down_proj.weight", lambda t: t.index_fill_(0, torch.tensor([7]), bad))
-    raises(model.ModelError, lambda: checkpoints.load(ckpt), ckpt / "model.safetensors",
+    raises(model.ModelError, lambda: model.load(ckpt), ckpt / "model.safetensors",
            "'model.layers.3.mlp.down_proj.weight' holds NaN or infinite values")
 
 
 def test_weight_that_overflows_the_load_dtype_refused(ckpt):
     edit_tensor(ckpt / "model.safetensors", "model.norm.weight", lambda t: t.index_fill_(0, torch.tensor([0]), 1e6))
-    assert checkpoints.load(ckpt, dtype=torch.float32)  # finite in fp32
-    raises(model.ModelError, lambda: checkpoints.load(ckpt, dtype=torch.float16), "'model.norm.weight' holds values too "
+    assert model.load(ckpt, dtype=torch.float32)  # finite in fp32
+    raises(model.ModelError, lambda: model.load(ckpt, dtype=torch.float16), "'model.norm.weight' holds values too "
            "large for torch.float16")
 
 
@@ -341,13 +341,13 @@ def test_nonfinite_run_weights_refused(lora_run, tmp_path, capsys):
     (run / files.MANIFEST).unlink()  # its checksums would refuse any edit; without it the values are still checked
     key = next(k for k in load_file(str(run / "adapter.safetensors")) if "lora_B" in k)
     edit_tensor(run / "adapter.safetensors", key, lambda t: t.fill_(float("nan")))
-    raises(model.ModelError, lambda: checkpoints.load(run), run / "adapter.safetensors", f"{key!r} holds NaN")
+    raises(model.ModelError, lambda: model.load(run), run / "adapter.safetensors", f"{key!r} holds NaN")
     full = tmp_path / "full"
     full.mkdir()
     (full / "meta.json").write_text(json.dumps({"format_version": 1, "base_model": str(STORIES), "lora": None}))
     shutil.copy(STORIES / "model.safetensors", full / "model.safetensors")
     edit_tensor(full / "model.safetensors", "model.norm.weight", lambda t: t.fill_(float("inf")))
-    raises(model.ModelError, lambda: checkpoints.load(full), full / "model.safetensors", "'model.norm.weight' holds")
+    raises(model.ModelError, lambda: model.load(full), full / "model.safetensors", "'model.norm.weight' holds")
 
 
 def test_nonfinite_targets_refused(tmp_path):
@@ -399,13 +399,13 @@ def overflowing_head(ckpt):
 
 
 def test_lm_head_that_overflows_is_named(overflowing_head, tmp_path, capsys):
-    emb = checkpoints.embedder_from_pretrained(overflowing_head)
+    emb = model.Embedder.from_pretrained(overflowing_head)
     texts = ["Lily saw a ball.", "A dog ran."]
     raises(targets.TargetsError, lambda: targets.background_logits(emb, texts), "background logits", "text 0",
            "NaN or infinite")
     raises(targets.TargetsError, lambda: targets.precompute_model_derived(emb, texts, torch.zeros(512), 0.1),
            "stage-2 targets", "NaN or infinite")
-    raises(targets.TargetsError, lambda: t2t.top_tokens(emb, texts, 10, f"inspect --model {overflowing_head}"),
+    raises(targets.TargetsError, lambda: targets.top_tokens(emb, texts, 10, f"inspect --model {overflowing_head}"),
            f"inspect --model {overflowing_head}", "text 0")
     # training: the loop's own check of the loss stops at the first step (nothing added per step)
     with pytest.raises(t2t.TrainError, match="non-finite loss or gradient at step 1"):

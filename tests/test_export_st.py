@@ -19,6 +19,7 @@ sys.path.insert(0, str(TESTS))
 
 import checkpoints  # noqa: E402
 import export_st  # noqa: E402
+import model  # noqa: E402
 import hf_reference as ref  # noqa: E402
 import t2t  # noqa: E402
 
@@ -80,7 +81,7 @@ SETTINGS = [("bidirectional", "mean"), ("causal", "mean"), ("causal", "last"), (
 def test_bundled_model_round_trips(st, tmp_path, attention, pooling):
     flags = ["--attention", attention, "--pooling", pooling, "--max-length", str(MAX_LENGTH)]
     folder = export(STORIES, tmp_path / "st", *flags)
-    ours = checkpoints.embedder_from_pretrained(STORIES, pooling=pooling, attention=attention, max_length=MAX_LENGTH)
+    ours = model.Embedder.from_pretrained(STORIES, pooling=pooling, attention=attention, max_length=MAX_LENGTH)
     assert_same_embeddings(st, folder, ours)
     modules = json.loads((folder / "modules.json").read_text())
     assert [m["path"] for m in modules] == ["", "1_Pooling"]
@@ -97,14 +98,14 @@ def test_every_family_round_trips(st, tmp_path, family, attention, pooling):
     base = ref.make_tiny_checkpoint(tmp_path / "base", family)
     folder = export(base, tmp_path / "st", "--attention", attention, "--pooling", pooling,
                     "--max-length", str(MAX_LENGTH))
-    ours = checkpoints.embedder_from_pretrained(base, pooling=pooling, attention=attention, max_length=MAX_LENGTH)
+    ours = model.Embedder.from_pretrained(base, pooling=pooling, attention=attention, max_length=MAX_LENGTH)
     assert_same_embeddings(st, folder, ours, tokenizer_as_is=family.startswith("qwen"))
     config = json.loads((folder / "config.json").read_text())
     if attention == "bidirectional":  # the switch transformers reads, per family
         key = "use_bidirectional_attention" if family == "gemma3" else "is_causal"
         assert config[key] is (family == "gemma3")
     # the switch matters: the other attention gives other embeddings (so the comparison can fail)
-    other = checkpoints.embedder_from_pretrained(base, pooling=pooling, max_length=MAX_LENGTH,
+    other = model.Embedder.from_pretrained(base, pooling=pooling, max_length=MAX_LENGTH,
                                                  attention="causal" if attention == "bidirectional" else "bidirectional")
     assert cosines(other.encode(texts()), ours.encode(texts())).min() < MIN_COSINE
 
@@ -132,7 +133,7 @@ def test_gguf_based_run_round_trips(st, tmp_path, pooling):
                             ("Kids run.", "Children are running.", 4.0)]))
     evaluate.main(["--model", str(run), "--tasks", str(sts), "--output", str(results)])
     folder = export(run, tmp_path / "st", "--results", str(results))
-    ours = checkpoints.embedder_from_run(run)
+    ours = model.Embedder.from_run(run)
     assert ours.max_length == MAX_LENGTH and ours.pooling == pooling
     assert_same_embeddings(st, folder, ours)
     card = (folder / "README.md").read_text()
@@ -178,7 +179,7 @@ def test_prompted_texts_cut_at_max_length(st, tmp_path):
     tail back, ours cuts the text and tokenizes the prompt again (a space left at the cut merges with
     the closing quote). The documented difference of a prompted export (export_st.py, model card)."""
     folder = export(STORIES, tmp_path / "st", "--pooling", "last", "--max-length", str(MAX_LENGTH))
-    ours = checkpoints.embedder_from_pretrained(STORIES, pooling="last", max_length=MAX_LENGTH)
+    ours = model.Embedder.from_pretrained(STORIES, pooling="last", max_length=MAX_LENGTH)
     theirs = st.SentenceTransformer(str(folder), device="cpu")
     tail = ours.tokenizer.encode_with_prompt(["x"], ours.prompt)[0][0][-7:]  # ' means in one word:"'
     cut = [t for t, (ids, _) in zip(texts(), ours.tokenizer.encode_with_prompt(texts(), ours.prompt))

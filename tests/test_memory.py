@@ -131,7 +131,7 @@ def test_training_step_never_builds_logits_for_every_token(tmp_path):
     assert any(len(s) == 3 and s[1] == 32 for _, s in rec.seen)  # and [B, T=32, D] hidden states
     assert full_vocab_per_token(rec.seen, V, B, D) == []
     # the control: the LM head applied to every token's hidden state is caught
-    model, tok = checkpoints.load(base)
+    model, tok = M.load(base)
     ids, mask = tok.batch(WIKI.read_text().splitlines()[:B], max_length=32)
     bad = ShapeRecorder()
     with bad:

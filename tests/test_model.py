@@ -60,7 +60,7 @@ def transformers():
 
 
 def load_stories():
-    return checkpoints.load(STORIES)
+    return model.load(STORIES)
 
 
 def scaled_error(a, b) -> float:
@@ -111,7 +111,7 @@ def test_forward_matches_transformers(transformers, tmp_path, family, shard, v5)
 def test_parity_check_detects_mistakes(transformers, tmp_path):
     """The tolerance is tight enough to see a wrong rope scaling or the wrong attention kind."""
     path = ref.make_tiny_checkpoint(tmp_path, "llama3_rope")
-    ours, _ = checkpoints.load(path)
+    ours, _ = model.load(path)
     hf = ref.load_hf(path)
     ids, mask = ref.random_batch([16, 9])
     real = mask.bool()
@@ -131,7 +131,7 @@ def test_tied_checkpoint_shares_head_and_embedding(transformers, tmp_path):
         with safe_open(str(f), framework="pt") as fh:
             keys |= set(fh.keys())
     assert "lm_head.weight" not in keys
-    ours, _ = checkpoints.load(path)
+    ours, _ = model.load(path)
     assert ours.lm_head.weight is ours.embed_tokens.weight
 
 
@@ -435,10 +435,10 @@ def test_lora_fresh_off_merged(tmp_path):
     assert len(names) == len(trainable) == 2 * 7 * m.args.n_layers
     assert all("lora_A" in n or "lora_B" in n for n in names)
     # save, load into a fresh model
-    checkpoints.save_lora(m, tmp_path / "adapter.safetensors")
+    model.save_lora(m, tmp_path / "adapter.safetensors")
     fresh, _ = load_stories()
     model.add_lora(fresh, r=4, alpha=8, dropout=0.0)
-    checkpoints.load_lora(fresh, tmp_path / "adapter.safetensors")
+    model.load_lora(fresh, tmp_path / "adapter.safetensors")
     assert torch.equal(lora_outputs(fresh, ids, mask), tuned)
     # merged into the base weights: plain Linear layers, same outputs
     model.merge_lora(m)
@@ -450,7 +450,7 @@ def test_lora_fresh_off_merged(tmp_path):
 def test_lora_merge_with_biases(transformers, tmp_path):
     """Qwen2's q/k/v biases survive wrapping and merging."""
     path = ref.make_tiny_checkpoint(tmp_path, "qwen2")
-    m, _ = checkpoints.load(path)
+    m, _ = model.load(path)
     ids, mask = ref.random_batch([12, 5])
     model.add_lora(m, r=4, alpha=8, dropout=0.0)
     randomize_lora_b(m)
@@ -464,16 +464,16 @@ def test_lora_mismatched_adapter(tmp_path):
     m, _ = load_stories()
     model.add_lora(m, r=4, alpha=8)
     file = tmp_path / "adapter.safetensors"
-    checkpoints.save_lora(m, file)
+    model.save_lora(m, file)
     other_rank, _ = load_stories()
     model.add_lora(other_rank, r=8, alpha=16)
-    assert_error(lambda: checkpoints.load_lora(other_rank, file), str(file), "layers.0.mlp.down_proj.lora_A",
+    assert_error(lambda: model.load_lora(other_rank, file), str(file), "layers.0.mlp.down_proj.lora_A",
                  "(4, 172)", "(8, 172)")
     fewer_targets, _ = load_stories()
     model.add_lora(fewer_targets, r=4, alpha=8, targets=("q_proj", "v_proj"))
-    assert_error(lambda: checkpoints.load_lora(fewer_targets, file), str(file), "unexpected",
+    assert_error(lambda: model.load_lora(fewer_targets, file), str(file), "unexpected",
                  "layers.0.mlp.down_proj.lora_A")
-    assert_error(lambda: checkpoints.load_lora(fewer_targets, tmp_path / "none.safetensors"), "none.safetensors")
+    assert_error(lambda: model.load_lora(fewer_targets, tmp_path / "none.safetensors"), "none.safetensors")
     assert_error(lambda: model.add_lora(load_stories()[0], targets=("qkv",)), "qkv")
 
 
@@ -509,7 +509,7 @@ def test_gradient_checkpointing_same_gradients():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_load_dtype(dtype):
-    m, tok = checkpoints.load(STORIES, dtype=dtype)
+    m, tok = model.load(STORIES, dtype=dtype)
     assert {p.dtype for p in m.parameters()} == {dtype}
     assert {p.device.type for p in m.parameters()} == {"cpu"}
     assert m.lm_head.weight is m.embed_tokens.weight
@@ -545,49 +545,49 @@ def edit_weights(path, drop=(), add=None):
 
 def test_error_unsupported_model_type(stories_copy):
     edit_config(stories_copy, model_type="gpt2")
-    assert_error(lambda: checkpoints.load(stories_copy), "config.json", "model_type", "gpt2")
+    assert_error(lambda: model.load(stories_copy), "config.json", "model_type", "gpt2")
 
 
 def test_error_unsupported_activation(stories_copy):
     edit_config(stories_copy, hidden_act="gelu")
-    assert_error(lambda: checkpoints.load(stories_copy), "config.json", "hidden_act", "gelu")
+    assert_error(lambda: model.load(stories_copy), "config.json", "hidden_act", "gelu")
 
 
 def test_error_unsupported_rope(stories_copy):
     edit_config(stories_copy, rope_scaling={"rope_type": "yarn", "factor": 4.0})
-    assert_error(lambda: checkpoints.load(stories_copy), "config.json", "rope_scaling", "yarn")
+    assert_error(lambda: model.load(stories_copy), "config.json", "rope_scaling", "yarn")
     edit_config(stories_copy, rope_scaling=None, rope_parameters={"rope_type": "dynamic", "factor": 2.0,
                                                                    "rope_theta": 10000.0})
-    assert_error(lambda: checkpoints.load(stories_copy), "config.json", "rope_parameters", "dynamic")
+    assert_error(lambda: model.load(stories_copy), "config.json", "rope_parameters", "dynamic")
 
 
 def test_error_missing_config_key(stories_copy):
     cfg = json.loads((stories_copy / "config.json").read_text())
     del cfg["intermediate_size"]
     (stories_copy / "config.json").write_text(json.dumps(cfg))
-    assert_error(lambda: checkpoints.load(stories_copy), "config.json", "intermediate_size")
+    assert_error(lambda: model.load(stories_copy), "config.json", "intermediate_size")
 
 
 def test_error_missing_tensor(stories_copy):
     edit_weights(stories_copy, drop=["model.layers.4.mlp.up_proj.weight"])
-    assert_error(lambda: checkpoints.load(stories_copy), str(stories_copy), "model.layers.4.mlp.up_proj.weight")
+    assert_error(lambda: model.load(stories_copy), str(stories_copy), "model.layers.4.mlp.up_proj.weight")
 
 
 def test_error_unexpected_tensor(stories_copy):
     edit_weights(stories_copy, add={"model.layers.5.mlp.up_proj.weight": torch.zeros(172, 64)})  # a 6th layer
-    assert_error(lambda: checkpoints.load(stories_copy), "model.safetensors", "model.layers.5.mlp.up_proj.weight")
+    assert_error(lambda: model.load(stories_copy), "model.safetensors", "model.layers.5.mlp.up_proj.weight")
 
 
 def test_error_wrong_shape(stories_copy):
     edit_weights(stories_copy, add={"model.norm.weight": torch.ones(65)})
-    assert_error(lambda: checkpoints.load(stories_copy), "model.safetensors", "model.norm.weight", "(65,)", "(64,)")
+    assert_error(lambda: model.load(stories_copy), "model.safetensors", "model.norm.weight", "(65,)", "(64,)")
 
 
 def test_error_missing_files(stories_copy):
     (stories_copy / "tokenizer.json").unlink()
-    assert_error(lambda: checkpoints.load(stories_copy), str(stories_copy / "tokenizer.json"))
+    assert_error(lambda: model.load(stories_copy), str(stories_copy / "tokenizer.json"))
     (stories_copy / "config.json").unlink()
-    assert_error(lambda: checkpoints.load(stories_copy), str(stories_copy / "config.json"))
+    assert_error(lambda: model.load(stories_copy), str(stories_copy / "config.json"))
     (stories_copy / "model.safetensors").unlink()
     assert_error(lambda: checkpoints.weight_files(stories_copy), str(stories_copy), "model.safetensors")
 
@@ -597,17 +597,17 @@ def test_error_broken_index(transformers, tmp_path):
     index = path / "model.safetensors.index.json"
     good = index.read_text()
     index.write_text(good[:-20])  # truncated JSON
-    assert_error(lambda: checkpoints.load(path), str(index), "invalid JSON")
+    assert_error(lambda: model.load(path), str(index), "invalid JSON")
     index.write_text(json.dumps({"metadata": {}}))
-    assert_error(lambda: checkpoints.load(path), str(index), "weight_map")
+    assert_error(lambda: model.load(path), str(index), "weight_map")
     index.write_text(good)
     shard = sorted(path.glob("model-*.safetensors"))[1]
     shard.unlink()
-    assert_error(lambda: checkpoints.load(path), str(index), shard.name)
+    assert_error(lambda: model.load(path), str(index), shard.name)
 
 
 def test_error_sequence_beyond_sliding_window(stories_copy):
     edit_config(stories_copy, model_type="mistral", sliding_window=8)
-    m, tok = checkpoints.load(stories_copy)
+    m, tok = model.load(stories_copy)
     m(torch.ones(1, 8, dtype=torch.long))  # within the window: fine
     assert_error(lambda: m(torch.ones(1, 9, dtype=torch.long)), "sliding window", "9")

@@ -1,6 +1,6 @@
 """Runs that survive preemption, damaged checkpoints, a full disk and a second writer: a stop
 signal ends training after the current step with a checkpoint and the command that continues it
-(exactly); checkpoints and final weights carry manifests that --resume and checkpoints.load check; a
+(exactly); checkpoints and final weights carry manifests that --resume and model.load check; a
 failed write removes its temporary file and names the last good checkpoint (a real file-size
 limit, not a mock); one flock per run directory, released by the kernel when its holder dies.
 
@@ -25,7 +25,6 @@ from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import checkpoints  # noqa: E402
 import evaluate as E  # noqa: E402
 import files  # noqa: E402
 import model as M  # noqa: E402
@@ -365,15 +364,15 @@ def test_final_weights_are_checked_when_a_run_is_loaded(tmp_path, capsys):
     run = t2t.train(parse(["--data", data, "--out", tmp_path / "run", "--batch-size", 8, "--max-steps", 2,
                            "--lora-r", 4]))
     assert set(json.loads((run / "manifest.json").read_text())["files"]) == {"adapter.safetensors"}
-    checkpoints.load(run)
+    M.load(run)
     adapter = run / "adapter.safetensors"
     good = adapter.read_bytes()
     for how in ("altered", "truncated"):
         damage(adapter, how)
         with pytest.raises(M.ModelError, match=f"{adapter}: .*{how}"):
-            checkpoints.load(run)
+            M.load(run)
         with pytest.raises(M.ModelError, match=str(adapter)):
-            checkpoints.embedder_from_run(run)
+            M.Embedder.from_run(run)
         with pytest.raises(M.ModelError, match=str(adapter)):
             t2t.main(["export", "--model", str(run), "--out", str(tmp_path / f"hf-{how}")])
         with pytest.raises(SystemExit) as exit_:
@@ -383,7 +382,7 @@ def test_final_weights_are_checked_when_a_run_is_loaded(tmp_path, capsys):
     # a run written before manifests loads, after one WARNING line
     (run / "manifest.json").unlink()
     capsys.readouterr()
-    checkpoints.load(run)
+    M.load(run)
     assert capsys.readouterr().err.count("WARNING:") == 1
 
 

@@ -22,7 +22,6 @@ from tokenizers import Tokenizer as HFTokenizer
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
 sys.path.insert(0, str(ROOT))
-import checkpoints  # noqa: E402
 import evaluate  # noqa: E402
 import model  # noqa: E402
 import targets  # noqa: E402
@@ -94,7 +93,7 @@ def test_qwen_special_tokens_in_text_are_text(qwen):
 
 
 def test_prompt_and_embedder_input_keep_special_text_as_text():
-    m, tok = checkpoints.load(STORIES)
+    m, tok = model.load(STORIES)
     plain = without_added_tokens(STORIES / "tokenizer.json")
     last = model.Embedder(m, tok, "last")  # the PromptEOL prompt
     text = "Lily said </s> and <s> then <unk>"
@@ -111,7 +110,7 @@ def test_prompt_and_embedder_input_keep_special_text_as_text():
 
 def test_evaluation_feeds_special_text_as_text(tmp_path, monkeypatch):
     """evaluate.py -> Embedder.encode -> encode_with_prompt: no control token reaches the model."""
-    m, tok = checkpoints.load(STORIES)
+    m, tok = model.load(STORIES)
     emb = model.Embedder(m, tok, "mean", max_length=64)
     seen, real_encode = [], tok.encode_with_prompt
 

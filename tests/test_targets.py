@@ -19,7 +19,6 @@ from tokenizers import models, pre_tokenizers, processors
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import checkpoints  # noqa: E402
 import model  # noqa: E402
 import targets  # noqa: E402
 import tokenizer  # noqa: E402
@@ -316,7 +315,7 @@ def test_background_and_precompute_drivers():
 
 
 def test_precomputed_agrees_with_on_the_fly_on_bundled_model():
-    net, tok = checkpoints.load(STORIES)
+    net, tok = model.load(STORIES)
     emb = model.Embedder(net, tok, max_length=64)
     texts = ["Once upon a time there was a cat.", "The dog ran to the park!", "Lily liked red apples."]
     bg = targets.background_logits(emb, texts, batch_size=2)

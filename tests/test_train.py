@@ -97,7 +97,7 @@ def test_first_loss_is_the_hand_computed_kl(tmp_path):
     data = corpus(tmp_path, 8)
     out = t2t.train(parse(["--data", data, "--out", tmp_path / "run", "--batch-size", 8, "--max-steps", 1,
                            "--lora-r", 4, "--lora-dropout", 0]))
-    m, tok = checkpoints.load(STORIES)
+    m, tok = M.load(STORIES)
     texts = data.read_text().splitlines()
     idx = t2t.BatchPlan(len(texts), 8, 0)(0)
     emb = M.Embedder(m, tok, "mean", False, 128)
@@ -121,7 +121,7 @@ def test_stage2_starts_with_student_equal_to_teacher(tmp_path):
     assert teacher is None  # LoRA: the teacher is the student with the adapter off, not a copy
     emb = M.Embedder(student, tok, "mean", False, 128)
     texts = data.read_text().splitlines()[:4]
-    merged, _ = checkpoints.load(s1)  # independent path: stage-1 run loaded and merged by checkpoints.load
+    merged, _ = M.load(s1)  # independent path: stage-1 run loaded and merged by model.load
     with torch.no_grad():
         h_student = emb.embed(texts)
         with M.lora_enabled(student, False):
@@ -130,7 +130,7 @@ def test_stage2_starts_with_student_equal_to_teacher(tmp_path):
     torch.testing.assert_close(h_student, h_teacher, atol=0, rtol=0)
     torch.testing.assert_close(h_student, h_merged, atol=1e-6, rtol=0)
     # stage 1 changed the model, so stage 2 starts from a model that is not the base
-    base = M.Embedder(*checkpoints.load(STORIES), "mean", False, 128)
+    base = M.Embedder(*M.load(STORIES), "mean", False, 128)
     assert (base.embed(texts) - h_merged).abs().max() > 1e-3
     # and stage 2 really trains: its adapter moves away from zero and the loss is logged
     out = t2t.train(parse(["--stage", "2", "--init", s1, "--data", data, "--out", tmp_path / "s2b",
@@ -180,7 +180,7 @@ def padding_share(batches, lengths):
 
 
 def test_length_grouped_batches_cover_the_epoch_with_less_padding():
-    m, tok = checkpoints.load(STORIES)
+    m, tok = M.load(STORIES)
     texts = WIKI.read_text().splitlines()[:3000]
     lengths = [len(x) for x in tok.encode(texts, max_length=128)]
     n, gb = len(texts), 32
@@ -364,8 +364,8 @@ def test_export_loads_in_transformers_and_ours(tmp_path):
     run = t2t.train(parse(["--data", data, "--out", tmp_path / "run", "--batch-size", 8, "--max-steps", 3,
                            "--lora-r", 4, "--lr", 1e-2, "--pooling", "last"]))
     t2t.main(["export", "--model", str(run), "--out", str(tmp_path / "hf")])
-    ours, tok = checkpoints.load(tmp_path / "hf")
-    merged, _ = checkpoints.load(run)
+    ours, tok = M.load(tmp_path / "hf")
+    merged, _ = M.load(run)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     ids, att = tok.batch(["A man is playing a guitar.", "Short one."])
     with torch.no_grad():
@@ -375,7 +375,7 @@ def test_export_loads_in_transformers_and_ours(tmp_path):
     real = att.bool()
     assert (ref[real] - h[real]).abs().max() <= 1e-4
     assert (h2[real] - h[real]).abs().max() <= 1e-5
-    emb = checkpoints.embedder_from_pretrained(tmp_path / "hf")
+    emb = M.Embedder.from_pretrained(tmp_path / "hf")
     assert emb.pooling == "last" and emb.causal is False and emb.prompt == M.PROMPT_EOL
 
 
