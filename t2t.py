@@ -78,8 +78,8 @@ PRESETS = {
     # takes attention, pooling and prompt from the stage-1 run.
     "smollm2": {
         1: dict(model="smollm2", attention="causal", pooling="last", lr=1e-4, batch_size=32, max_steps=20,
-                max_length=128, precision="bf16", eval_every=10, log_every=5),
-        2: dict(lr=3e-5, batch_size=32, max_steps=20, max_length=128, precision="bf16", tau=1e-4,
+                max_length=128, precision="machine", eval_every=10, log_every=5),
+        2: dict(lr=3e-5, batch_size=32, max_steps=20, max_length=128, precision="machine", tau=1e-4,
                 background_samples=2000, eval_every=10, log_every=5),
     },
 }
@@ -116,8 +116,9 @@ def train_parser(p: argparse.ArgumentParser):
     a("--lora-alpha", type=float, default=32)
     a("--lora-dropout", type=float, default=0.05)
     a("--lora-targets", default=",".join(M.DEFAULT_LORA_TARGETS), help="comma-separated HF module names")
-    a("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
-      help="auto: bf16 autocast on CUDA, fp32 on CPU; bf16 also runs on CPU (fast where the CPU has bf16 units)")
+    a("--precision", choices=["auto", "machine", "bf16", "fp16", "fp32"], default="auto",
+      help="auto: bf16 autocast on CUDA, fp32 on CPU; machine: bf16 also on CPUs with bf16 units "
+           "(AVX512-BF16, AMX), else fp32; bf16 runs on any CPU, ~100x slower without those units")
     a("--grad-checkpointing", action="store_true", help="recompute each layer in backward (saves memory)")
     a("--compile", action="store_true",
       help="torch.compile each layer (inductor; on CPU it needs a C++ compiler). Off by default: the "
@@ -241,8 +242,13 @@ class BatchPlan:
 
 
 def resolve_precision(precision, device):
+    """auto: bf16 autocast on CUDA, fp32 on CPU. machine (the presets'): bf16 also on a CPU with
+    bf16 units (evaluate.cpu_has_bf16: AVX512-BF16, AMX or Arm BF16), fp32 on other CPUs, where
+    torch emulates bf16 matmuls about 100x slower than fp32 (BENCHMARKS.md, "bf16 on CPU")."""
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision == "machine":
+        precision = "bf16" if device.type == "cuda" or E.cpu_has_bf16() else "fp32"
     if precision == "fp16" and device.type != "cuda":
         raise TrainError(f"--precision fp16 needs a CUDA device (this run is on {device}); use bf16 or fp32")
     return precision
@@ -436,6 +442,8 @@ def setup_stage(args, lock) -> Stage:
     log = (lambda msg: print(msg, flush=True)) if rank == 0 else (lambda msg: None)
     check_train_flags(args)
     precision = resolve_precision(args.precision, device)
+    if args.precision in ("auto", "machine"):
+        log(f"precision {args.precision} -> {precision} ({'CUDA' if device.type == 'cuda' else 'this CPU has bf16 units' if precision == 'bf16' else 'this CPU has no bf16 units'})")
     embedding_flags(args, log)
     out = R.prepare_out(args, lock) if rank == 0 else Path(args.out)
     if world > 1:
@@ -650,7 +658,7 @@ def run_preset(name, argv, stops=None):
         if stage == 2:
             extra += ["--init", str(root / "stage1")]
         args = apply_preset(p.parse_args(argv + extra), argv + extra)
-        dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+        dtype = torch.bfloat16 if resolve_precision(args.precision, torch.device("cpu")) == "bf16" else torch.float32
         if stage == 1:
             untrained = M.Embedder.from_pretrained(args.model, args.pooling, args.attention, args.max_length,
                                                    args.prompt, dtype=dtype)

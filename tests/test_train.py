@@ -332,8 +332,19 @@ def test_nonfinite_stops_with_last_good_checkpoint(tmp_path, monkeypatch):
     assert len(losses(out)) == 10 and all(l == l for l in losses(out))
 
 
+def test_precision_follows_the_machine(monkeypatch):
+    """machine: bf16 on a CPU with bf16 units, fp32 on one without (where bf16 matmuls are emulated,
+    ~100x slower); auto stays fp32 on every CPU; no preset forces bf16 on a CPU."""
+    for has_bf16, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(t2t.E, "cpu_has_bf16", lambda: has_bf16)
+        assert t2t.resolve_precision("machine", torch.device("cpu")) == expected
+        assert t2t.resolve_precision("machine", torch.device("cuda")) == "bf16"
+        assert t2t.resolve_precision("auto", torch.device("cpu")) == "fp32"
+        assert t2t.resolve_precision("fp32", torch.device("cpu")) == "fp32"
+    assert all(stage.get("precision") in ("machine", "fp32") for preset in t2t.PRESETS.values() for stage in preset.values())
+
+
 def test_precision_flags(tmp_path):
-    assert t2t.resolve_precision("auto", torch.device("cpu")) == "fp32"
     assert t2t.resolve_precision("bf16", torch.device("cpu")) == "bf16"
     with pytest.raises(t2t.TrainError, match="needs a CUDA device"):
         t2t.resolve_precision("fp16", torch.device("cpu"))
