@@ -1,0 +1,45 @@
+"""bench/plot_study.py draws the dev curves from runs' metrics: every eval_<task> key of
+metrics.jsonl becomes a point of that task's panel, labelled from meta.json (needs matplotlib,
+a bench-only dependency; skipped without it)."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+import plot_study  # noqa: E402
+
+
+def fake_run(folder: Path, stage, attention, pooling, lr, scores, tau=1e-4, seed=0):
+    folder.mkdir(parents=True)
+    meta = dict(args=dict(stage=stage, lr=lr, tau=tau, seed=seed),
+                embedding=dict(attention=attention, pooling=pooling, prompt=None, max_length=128))
+    (folder / "meta.json").write_text(json.dumps(meta))
+    rows = []
+    for step, (sts, ret) in scores.items():
+        rows.append(dict(step=step - 1, loss=1.0))  # a step without evaluation: no point
+        rows.append(dict(step=step, loss=1.0, eval_STSBenchmarkDev=sts, eval_SciFactDev=ret))
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def test_curves_come_from_the_eval_keys_and_labels_from_meta(tmp_path):
+    a = fake_run(tmp_path / "a", 1, "bidirectional", "mean", 3e-4, {50: (0.6, 0.4), 100: (0.7, 0.5)})
+    b = fake_run(tmp_path / "b", 2, "causal", "last", 3e-5, {10: (0.75, 0.45)}, tau=1e-2, seed=1)
+    run_a, run_b = plot_study.read_run(a), plot_study.read_run(b)
+    assert run_a["curves"] == {"STSBenchmarkDev": [(50, 0.6), (100, 0.7)], "SciFactDev": [(50, 0.4), (100, 0.5)]}
+    assert plot_study.label(run_a) == "stage 1, bidirectional/mean, lr 0.0003"
+    assert plot_study.label(run_b) == "stage 2, causal/last, lr 3e-05, tau 0.01, seed 1"
+
+
+def test_the_picture_is_written(tmp_path):
+    pytest.importorskip("matplotlib")
+    a = fake_run(tmp_path / "a", 1, "bidirectional", "mean", 3e-4, {50: (0.6, 0.4), 100: (0.7, 0.5)})
+    untrained = tmp_path / "u.json"
+    untrained.write_text(json.dumps({"bidirectional/mean": {"STSBenchmarkDev": 0.3, "SciFactDev": 0.2}}))
+    out = tmp_path / "fig" / "dev.png"
+    plot_study.main([str(a), "--untrained", str(untrained), "--title", "t", "--out", str(out)])
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
