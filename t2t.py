@@ -99,6 +99,11 @@ def train_parser(p: argparse.ArgumentParser):
     a("--max-length", type=int, default=128, help="tokens the model sees per text, BOS and prompt included")
     a("--batch-size", type=int, default=32, help="texts per device per micro-batch")
     a("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    a("--max-batch-tokens", type=int, default=None, metavar="N",
+      help="token positions (real + padding) per forward/backward: a micro-batch above it runs in row "
+           "chunks whose gradients add up to its own (only dropout draws differ). Bounds a step's saved "
+           "activations (~1.2 MB a position for SmolLM2 in bf16) without recomputing them. Default: 1024 "
+           "on CPU (BENCHMARKS.md 'Memory (CPU)'), 0 = whole micro-batches (the CUDA default)")
     a("--group-by-length", type=int, default=50, metavar="N",
       help="batches of similar token count, sorted within mega-batches of N batches (0 = random batches)")
     a("--lr", type=float, default=5e-5, help="peak learning rate")
@@ -250,6 +255,28 @@ def autocast_ctx(precision, device):
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
+def max_batch_tokens(args, device) -> int:
+    """--max-batch-tokens, or where not given: 1024 on CPU (a SmolLM2 bf16 step then holds ~1.2 GB of
+    activations instead of ~4.6 GB at batch 32 x 128, at the same speed; BENCHMARKS.md "Memory
+    (CPU)"), 0 (off) on CUDA, where the GPU has the memory and larger matmuls are faster."""
+    if args.max_batch_tokens is None:
+        return 1024 if device.type == "cpu" else 0
+    return args.max_batch_tokens
+
+
+def row_chunks(lengths, max_tokens) -> list[list[int]]:
+    """lengths of a micro-batch's texts (tokens) -> lists of row numbers, in order, each padded to its
+    longest text holding at most max_tokens positions (one row at least); max_tokens 0: one chunk."""
+    chunks, top = [[]], 0
+    for j, n in enumerate(lengths):
+        if chunks[-1] and max_tokens and (len(chunks[-1]) + 1) * max(top, n) > max_tokens:
+            chunks.append([])
+            top = 0
+        chunks[-1].append(j)
+        top = max(top, n)
+    return chunks
+
+
 def lr_factor(step, total, warmup, schedule):
     """Multiplier of the peak lr at optimizer step `step` (0-based): linear warmup, then linear
     decay to 0 at `total` (as transformers' get_linear_schedule_with_warmup) or constant."""
@@ -392,10 +419,11 @@ def train_stage(args, argv, stops, lock):
     scaler = torch.amp.GradScaler("cuda") if s.precision == "fp16" else None
     step, position, ckpt = resume(args, s, opt, sched, scaler) if args.resume else (0, 0, None)
     lora, n_train = args.lora_r > 0, sum(p.numel() for p in s.params)
+    chunk = max_batch_tokens(args, s.device)
     s.log(f"stage {args.stage}: {len(s.tokenized)} texts, {s.total} steps of "
           f"{args.batch_size * s.world * args.grad_accum} texts, {n_train:,} trainable parameters "
           f"({'LoRA r=%d' % args.lora_r if lora else 'full'}), {s.precision} on {s.device}"
-          f"{f' x{s.world}' if s.world > 1 else ''}")
+          f"{f' x{s.world}' if s.world > 1 else ''}{f', <= {chunk} positions a forward' if chunk else ''}")
     step, metrics, tokens, positions, t_start = train_loop(args, argv, stops, s, opt, sched, scaler, step, position,
                                                            ckpt)
     finish_run(args, s, step, metrics, tokens, positions, t_start)
@@ -476,6 +504,8 @@ def check_train_flags(args):
             E.resolve_task(task)  # an unknown task fails now, not after the first eval_every steps
     if args.out is None:
         raise TrainError("--out DIR is required")
+    if args.max_batch_tokens is not None and args.max_batch_tokens < 0:
+        raise TrainError(f"--max-batch-tokens {args.max_batch_tokens} must be >= 0 (0 = whole micro-batches)")
 
 
 def texts_and_targets(args, model, tok, log):
@@ -521,10 +551,10 @@ def train_loop(args, argv, stops, s, opt, sched, scaler, step, position, last_ck
     """Optimizer steps up to s.total: lr, forward, loss, backward, clip, step, log, and a checkpoint
     every --save-every steps or after a stop signal -> (step, last metrics, tokens, positions, start
     time)."""
-    model, emb, t_emb, theta, params, tok = s.model, s.emb, s.teacher, s.theta, s.params, s.emb.tokenizer
-    tgt_ids, tgt_w, tokenized, plan, total = s.tgt_ids, s.tgt_w, s.tokenized, s.plan, s.total
+    model, emb, params, plan, total = s.model, s.emb, s.params, s.plan, s.total
     out, precision, device, rank, world, log = s.out, s.precision, s.device, s.rank, s.world, s.log
     lora = args.lora_r > 0
+    max_tokens = max_batch_tokens(args, device)
     model.train()
     stops.deferred = True  # from here a stop signal ends the run after the current step, with a checkpoint
     start_step = step
@@ -534,26 +564,10 @@ def train_loop(args, argv, stops, s, opt, sched, scaler, step, position, last_ck
         t0 = time.time()
         loss_sum, ent_sum, n_tok, n_pos = 0.0, 0.0, 0, 0
         for _ in range(args.grad_accum):
-            idx = plan(position, rank, world)
+            batch = plan(position, rank, world)
             position += 1
-            ids, att, sub = M.pad_batch([tokenized[i][0] for i in idx], tok.pad_id, [tokenized[i][1] for i in idx])
-            ids, att, sub = ids.to(device), att.to(device), sub.to(device)
-            n_tok += int(att.sum())
-            n_pos += att.numel()
-            if tgt_ids is not None:  # precomputed sparse target (stage 1, or stage 2 from a file)
-                target = (tgt_ids[idx].long().to(device), tgt_w[idx].to(device))
-                ent_sum += float(T.entropy(target[1]).mean())
-            else:  # stage 2 on the fly: the teacher is the student with its adapter off
-                with torch.no_grad(), autocast_ctx(precision, device), M.lora_enabled(model, False):
-                    h_t = t_emb.embed_ids(ids, att, sub)
-                    target = T.model_derived_target(t_emb.model.token_logits(h_t), theta, args.tau)  # [B, V]
-                ent_sum += float(T.entropy(target).mean())
-            with autocast_ctx(precision, device):
-                h = emb.embed_ids(ids, att, sub)  # [B, D] fp32 pooled
-            logits = model.token_logits(h)  # [B, V] fp32, never [B, T, V]
-            loss = T.kl_loss(logits, target) / args.grad_accum
-            loss_sum += float(loss.detach())
-            (scaler.scale(loss) if scaler else loss).backward()
+            loss, ent, n_tok_b, n_pos_b = backward_batch(args, s, batch, max_tokens, scaler)
+            loss_sum, ent_sum, n_tok, n_pos = loss_sum + loss, ent_sum + ent, n_tok + n_tok_b, n_pos + n_pos_b
         R.average_gradients(params, world)
         if scaler:
             scaler.unscale_(opt)
@@ -582,7 +596,7 @@ def train_loop(args, argv, stops, s, opt, sched, scaler, step, position, last_ck
         dt = time.time() - t0
         elapsed = time.time() - t_start
         metrics = dict(step=step, loss=float(loss_t), lr=lr, grad_norm=float(gnorm),
-                       tokens_per_s=round(n_tok * world / dt, 1), target_entropy=round(ent_sum / args.grad_accum, 4),
+                       tokens_per_s=round(n_tok * world / dt, 1), target_entropy=round(ent_sum, 4),
                        elapsed_s=round(elapsed, 2))
         if rank == 0 and args.eval_every and (step % args.eval_every == 0 or step == total):
             import evaluate as E  # only when asked: the loop itself needs no evaluator
@@ -612,6 +626,38 @@ def train_loop(args, argv, stops, s, opt, sched, scaler, step, position, last_ck
     if rank == 0:
         mfile.close()
     return step, metrics, tokens, positions, t_start
+
+
+def backward_batch(args, s, batch, max_tokens, scaler=None):
+    """Forward, loss and backward of one micro-batch (text indices `batch`) in row chunks of at most
+    max_tokens positions (row_chunks), gradients accumulated -> (loss, mean target entropy, real
+    tokens, positions), the loss and entropy already divided by --grad-accum. kl_loss averages over a
+    chunk's texts, so each chunk's loss is weighted by its share of the micro-batch: the gradient is
+    the whole micro-batch's (with dropout 0, up to float rounding; with dropout the draws differ)."""
+    model, tok, device, precision = s.model, s.emb.tokenizer, s.device, s.precision
+    loss_sum, ent_sum, n_tok, n_pos = 0.0, 0.0, 0, 0
+    for rows in row_chunks([len(s.tokenized[i][0]) for i in batch], max_tokens):
+        idx = [batch[j] for j in rows]
+        share = len(idx) / len(batch) / args.grad_accum
+        ids, att, sub = M.pad_batch([s.tokenized[i][0] for i in idx], tok.pad_id, [s.tokenized[i][1] for i in idx])
+        ids, att, sub = ids.to(device), att.to(device), sub.to(device)  # [b, T] each, this chunk's own T
+        n_tok += int(att.sum())
+        n_pos += att.numel()
+        if s.tgt_ids is not None:  # precomputed sparse target (stage 1, or stage 2 from a file)
+            target = (s.tgt_ids[idx].long().to(device), s.tgt_w[idx].to(device))
+            ent_sum += float(T.entropy(target[1]).mean()) * share
+        else:  # stage 2 on the fly: the teacher is the student with its adapter off
+            with torch.no_grad(), autocast_ctx(precision, device), M.lora_enabled(model, False):
+                h_t = s.teacher.embed_ids(ids, att, sub)
+                target = T.model_derived_target(s.teacher.model.token_logits(h_t), s.theta, args.tau)  # [b, V]
+            ent_sum += float(T.entropy(target).mean()) * share
+        with autocast_ctx(precision, device):
+            h = s.emb.embed_ids(ids, att, sub)  # [b, D] fp32 pooled
+        logits = model.token_logits(h)  # [b, V] fp32, never [b, T, V]
+        loss = T.kl_loss(logits, target) * share
+        loss_sum += float(loss.detach())
+        (scaler.scale(loss) if scaler else loss).backward()
+    return loss_sum, ent_sum, n_tok, n_pos
 
 
 def finish_run(args, s, step, metrics, tokens, positions, t_start):
