@@ -279,6 +279,8 @@ class Stage1Steps:
         self.device = torch.device(device)
         self.precision = t2t.resolve_precision(args.precision, self.device)
         torch.manual_seed(args.seed)  # as t2t.train_stage: the adapters' init
+        if self.device.type == "cpu":
+            t2t.mmap_large_allocations()  # as t2t.train_loop
         quiet = lambda msg: None  # noqa: E731
         t2t.embedding_flags(args, quiet)  # stage 1: bidirectional, mean unless given
         self.model, tok, self.params, _ = t2t.build_student(args, self.device, self.precision, quiet)
