@@ -258,7 +258,7 @@ def autocast_ctx(precision, device):
 
 def max_batch_tokens(args, device) -> int:
     """--max-batch-tokens, or where not given: 1024 on CPU (a SmolLM2 bf16 step then holds ~1.2 GB of
-    activations instead of ~4.5 GB at batch 32 x 128, at about the same speed; BENCHMARKS.md "Memory
+    activations instead of ~4.5 GB at batch 32 x 128; split batches ran ~8% slower; BENCHMARKS.md "Memory
     (CPU)"), 0 (off) on CUDA, where the GPU has the memory and larger matmuls are faster."""
     if args.max_batch_tokens is None:
         return 1024 if device.type == "cpu" else 0
