@@ -108,15 +108,18 @@ def apply_rope(x, cos, sin):
 
 
 def attend(q, k, v, mask, scale=None):
-    """One SDPA call. In bf16 training on CPU it runs in fp32 (autocast off for it): there the bf16
-    kernel's backward is 2-3x slower than fp32's (B=32, H=9, T=32, hd=64, forward + backward:
-    49 vs 16 ms; with the fp32 cast 26 ms; bench/bench_bf16_cpu.py), while its forward alone is
-    faster in bf16, so inference (no gradient) keeps bf16."""
+    """One SDPA call: q [B, H, T, hd], k and v [B, H or K, T, hd] (K < H: grouped-query attention,
+    each kv head shared by H/K query heads inside the kernel). In bf16 training on CPU it runs in
+    fp32 (autocast off for it): there the bf16 kernel's backward is 2-3x slower than fp32's (B=32,
+    H=9, T=32, hd=64, forward + backward: 49 vs 16 ms; with the fp32 cast 26 ms;
+    bench/bench_bf16_cpu.py), while its forward alone is faster in bf16, so inference (no gradient)
+    keeps bf16."""
+    gqa = k.shape[1] != q.shape[1]
     if q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.requires_grad:
         with torch.autocast("cpu", enabled=False):
             return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
-                                                  scale=scale).to(q.dtype)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+                                                  scale=scale, enable_gqa=gqa).to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
 
 
 class Attention(nn.Module):
@@ -142,7 +145,12 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H|K, T, hd]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if self.n_kv_heads != self.n_heads:  # grouped-query attention: share each kv head
+        # grouped-query attention: each kv head is shared by H/K query heads. On CPU SDPA's flash
+        # kernel shares them itself (enable_gqa: equal outputs, 1.3-1.8x faster, and backward keeps
+        # k and v at K heads; BENCHMARKS.md "Memory (CPU)"); on CUDA a boolean mask selects the
+        # memory-efficient kernel, which takes no enable_gqa (the math kernel would run), so the
+        # heads are repeated there.
+        if self.n_kv_heads != self.n_heads and x.device.type != "cpu":
             rep = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # [B, H, T, hd]
         y = attend(q, k, v, mask, self.scale)  # [B, H, T, hd]
@@ -277,8 +285,27 @@ class Transformer(nn.Module):
 
     def token_logits(self, h):
         """h [B, D] -> logits [B, V] over the vocabulary, in fp32 (the paper's token-space view z(x) = lm_head(h))."""
+        w = self.lm_head.weight  # [V, D]
         with torch.autocast(h.device.type, enabled=False):
-            return F.linear(h.float(), self.lm_head.weight.float())
+            if w.dtype != torch.float32 and not w.requires_grad and torch.is_grad_enabled():
+                return HeadFP32.apply(h.float(), w)
+            return F.linear(h.float(), w.float())
+
+
+class HeadFP32(torch.autograd.Function):
+    """logits = h @ W.float().T for a frozen 16-bit head W [V, D]. F.linear(h, W.float()) would keep
+    its fp32 copy of W (V x D x 4 bytes: 113 MB for SmolLM2, 671 MB for Gemma 3 270M) from forward to
+    backward for the gradient of h; this casts W again in backward instead (the same product)."""
+
+    @staticmethod
+    def forward(ctx, h, w):
+        ctx.save_for_backward(w)
+        return F.linear(h, w.float())  # [B, V]
+
+    @staticmethod
+    def backward(ctx, grad):
+        (w,) = ctx.saved_tensors
+        return grad @ w.float(), None  # [B, D]; W is frozen
 
 
 def compile_layers(model: Transformer, backend="inductor", mode=None):
@@ -383,7 +410,10 @@ class Dropout16(nn.Module):
     def forward(self, x):
         if not self.training or self.cut == 0:
             return x
-        return x * draw_keep_mask(x.shape, self.cut, self.site, x.device).to(x.dtype) * self.scale
+        # where() keeps the bool mask for backward (1 byte an element); x * mask.to(x.dtype) kept a
+        # copy of it in x's dtype (2-4 bytes), an eighth of a layer's saved tensors (BENCHMARKS.md,
+        # "Memory (CPU)"). The values are the same: x * scale where kept, 0 where dropped.
+        return torch.where(draw_keep_mask(x.shape, self.cut, self.site, x.device), x * self.scale, 0.0)
 
 
 @torch.library.custom_op("text2token::draw_keep_mask", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))

@@ -13,6 +13,7 @@ are averaged once per optimizer step and every rank stops after the same step.
 Not included: multi-node launch, elastic restarts, pipeline/tensor parallelism, FSDP.
 """
 
+import ctypes
 import fcntl
 import json
 import os
@@ -438,3 +439,21 @@ def append_metrics(mfile, metrics):
         mfile.flush()
     except OSError as e:
         raise WriteError(f"{mfile.name}: cannot be written ({write_cause(e)})") from None
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
+
+
+def mmap_large_allocations(threshold=128 * 1024) -> bool:
+    """glibc only: allocations of `threshold` bytes or more are mmap'd, so a freed activation goes
+    back to the OS at once. By default glibc raises this threshold to the largest block freed so far
+    (up to 32 MiB), so a step's 1-25 MB activations come from the heap afterwards and the process
+    keeps what they took: a SmolLM2 fp32 step held 4.5 GB of RSS for 2.7 GB of live tensors, 2.7 GB
+    with this, at the same speed and bitwise the same loss (BENCHMARKS.md "Memory (CPU)"). Elsewhere
+    (no mallopt: macOS, Windows) nothing is done -> whether it was set."""
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version  # noqa: B018  (an AttributeError outside glibc)
+    except (OSError, AttributeError):
+        return False
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, threshold))

@@ -21,7 +21,6 @@ Not included: pipeline/tensor parallelism, FSDP, evaluation during training beyo
 import argparse
 import copy
 import datetime
-import json
 import os
 import random
 import shutil
@@ -35,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 import checkpoints as C
+from data import BatchPlan, epoch_batches, epoch_order, read_texts, row_chunks  # noqa: F401 (t2t.X too)
 import evaluate as E  # the dev scores, the line rules of text files (it needs only numpy)
 import export_st
 import model as M
@@ -103,6 +103,11 @@ def train_parser(p: argparse.ArgumentParser):
     a("--max-length", type=int, default=128, help="tokens the model sees per text, BOS and prompt included")
     a("--batch-size", type=int, default=32, help="texts per device per micro-batch")
     a("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    a("--max-batch-tokens", type=int, default=None, metavar="N",
+      help="token positions (real + padding) per forward/backward: a micro-batch above it runs in row "
+           "chunks whose gradients add up to its own (only dropout draws differ). Bounds a step's saved "
+           "activations (~1.2 MB a position for SmolLM2 in bf16) without recomputing them. Default: 1024 "
+           "on CPU (BENCHMARKS.md 'Memory (CPU)'), 0 = whole micro-batches (the CUDA default)")
     a("--group-by-length", type=int, default=50, metavar="N",
       help="batches of similar token count, sorted within mega-batches of N batches (0 = random batches)")
     a("--lr", type=float, default=5e-5, help="peak learning rate")
@@ -152,92 +157,6 @@ def apply_preset(args, argv):
 
 
 # -----------------------------------------------------------------------------
-# Data
-
-
-def read_texts(path) -> list[str]:
-    """Texts from a .txt file (one a line, as written) or .jsonl (a 'text' string a line). Lines
-    follow evaluate.text_lines: a BOM is dropped, CRLF is a line end, a lone "\\r" or U+2028 is
-    text, a NUL byte or bytes that are not UTF-8 are an error naming the line, and a line of any
-    length is one text (tokenization truncates it to --max-length). JSON escapes, "\\u0000"
-    included, are the writer's choice and kept. Blank (whitespace-only) lines are counted and
-    reported, never silently dropped."""
-    path = Path(path)
-    if not path.is_file():
-        raise TrainError(f"{path}: file not found")
-    texts, blank = [], 0
-    for n, line in E.text_lines(path, TrainError):  # one set of line rules for every reader
-        if not line.strip():
-            blank += 1
-            continue
-        if path.suffix == ".jsonl":
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TrainError(f"{path}:{n}: invalid JSON: {e.msg}") from None
-            except (ValueError, RecursionError) as e:  # json's int-size limit, nesting too deep
-                raise TrainError(f"{path}:{n}: invalid JSON: {e}") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                raise TrainError(f"{path}:{n}: expected an object with a string field 'text'")
-            texts.append(obj["text"])
-        else:
-            texts.append(line)
-    if blank:
-        print(f"{path}: {blank} blank line(s) ignored")
-    if not texts:
-        raise TrainError(f"{path}: no texts")
-    return texts
-
-
-def epoch_order(n, epoch, seed):
-    """The shuffled order of epoch `epoch`: a pure function of (n, epoch, seed), so a resumed run
-    sees exactly the batches the uninterrupted run would have seen."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n, generator=g).tolist()
-
-
-def epoch_batches(n, epoch, global_batch, seed, lengths=None, group=50):
-    """The global batches of one epoch (lists of text indices), a pure function of the arguments.
-
-    lengths None: the shuffled order cut into batches. Otherwise length-grouped (as
-    transformers' LengthGroupedSampler): the shuffled order is cut into mega-batches of `group`
-    batches, each sorted by token count and cut into batches, and the batch order is shuffled;
-    the batch with the most tokens goes first, so that running out of memory happens at step 1.
-    Batches then hold texts of similar length: far less padding, the same texts per epoch.
-    The incomplete batch at an epoch's end is dropped, so every rank has the same batch size."""
-    order = epoch_order(n, epoch, seed)[: n // global_batch * global_batch]
-    if lengths is None:
-        return [order[i: i + global_batch] for i in range(0, len(order), global_batch)]
-    batches, mega = [], global_batch * group
-    for start in range(0, len(order), mega):
-        chunk = sorted(order[start: start + mega], key=lambda i: -lengths[i])  # stable: ties stay shuffled
-        batches += [chunk[i: i + global_batch] for i in range(0, len(chunk), global_batch)]
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch + 1)
-    batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
-    longest = max(range(len(batches)), key=lambda b: max(lengths[i] for i in batches[b]) * len(batches[b]))
-    batches[0], batches[longest] = batches[longest], batches[0]
-    return batches
-
-
-class BatchPlan:
-    """Global micro-batch number `position` (counted from the start of training, across epochs)
-    -> this rank's text indices. The same for every rank and after a resume; each rank takes
-    every world-th text of the global batch (with grouping, ranks see similar lengths)."""
-
-    def __init__(self, n, global_batch, seed, lengths=None, group=50):
-        self.n, self.global_batch, self.seed, self.lengths, self.group = n, global_batch, seed, lengths, group
-        self.per_epoch = n // global_batch
-        self._epoch, self._batches = None, None
-
-    def __call__(self, position, rank=0, world=1):
-        epoch, i = divmod(position, self.per_epoch)
-        if epoch != self._epoch:  # one epoch's batches at a time
-            self._epoch = epoch
-            self._batches = epoch_batches(self.n, epoch, self.global_batch, self.seed, self.lengths, self.group)
-        return self._batches[i][rank::world]
-
-
-# -----------------------------------------------------------------------------
 # Precision and schedule
 
 
@@ -257,6 +176,15 @@ def resolve_precision(precision, device):
 def autocast_ctx(precision, device):
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def max_batch_tokens(args, device) -> int:
+    """--max-batch-tokens, or where not given: 1024 on CPU (a SmolLM2 bf16 step then holds ~1.2 GB of
+    activations instead of ~4.5 GB at batch 32 x 128; split batches ran ~8% slower; BENCHMARKS.md "Memory
+    (CPU)"), 0 (off) on CUDA, where the GPU has the memory and larger matmuls are faster."""
+    if args.max_batch_tokens is None:
+        return 1024 if device.type == "cpu" else 0
+    return args.max_batch_tokens
 
 
 def lr_factor(step, total, warmup, schedule):
@@ -401,10 +329,11 @@ def train_stage(args, argv, stops, lock):
     scaler = torch.amp.GradScaler("cuda") if s.precision == "fp16" else None
     step, position, ckpt = resume(args, s, opt, sched, scaler) if args.resume else (0, 0, None)
     lora, n_train = args.lora_r > 0, sum(p.numel() for p in s.params)
+    chunk = max_batch_tokens(args, s.device)
     s.log(f"stage {args.stage}: {len(s.tokenized)} texts, {s.total} steps of "
           f"{args.batch_size * s.world * args.grad_accum} texts, {n_train:,} trainable parameters "
           f"({'LoRA r=%d' % args.lora_r if lora else 'full'}), {s.precision} on {s.device}"
-          f"{f' x{s.world}' if s.world > 1 else ''}")
+          f"{f' x{s.world}' if s.world > 1 else ''}{f', <= {chunk} positions a forward' if chunk else ''}")
     step, metrics, tokens, positions, t_start = train_loop(args, argv, stops, s, opt, sched, scaler, step, position,
                                                            ckpt)
     finish_run(args, s, step, metrics, tokens, positions, t_start)
@@ -486,6 +415,8 @@ def check_train_flags(args):
             E.resolve_task(task)  # an unknown task fails now, not after the first eval_every steps
     if args.out is None:
         raise TrainError("--out DIR is required")
+    if args.max_batch_tokens is not None and args.max_batch_tokens < 0:
+        raise TrainError(f"--max-batch-tokens {args.max_batch_tokens} must be >= 0 (0 = whole micro-batches)")
 
 
 def texts_and_targets(args, model, tok, log):
@@ -531,10 +462,12 @@ def train_loop(args, argv, stops, s, opt, sched, scaler, step, position, last_ck
     """Optimizer steps up to s.total: lr, forward, loss, backward, clip, step, log, and a checkpoint
     every --save-every steps or after a stop signal -> (step, last metrics, tokens, positions, start
     time)."""
-    model, emb, t_emb, theta, params, tok = s.model, s.emb, s.teacher, s.theta, s.params, s.emb.tokenizer
-    tgt_ids, tgt_w, tokenized, plan, total = s.tgt_ids, s.tgt_w, s.tokenized, s.plan, s.total
+    model, emb, params, plan, total = s.model, s.emb, s.params, s.plan, s.total
     out, precision, device, rank, world, log = s.out, s.precision, s.device, s.rank, s.world, s.log
     lora = args.lora_r > 0
+    max_tokens = max_batch_tokens(args, device)
+    if device.type == "cpu":
+        R.mmap_large_allocations()  # freed activations go back to the OS (glibc; elsewhere nothing)
     model.train()
     stops.deferred = True  # from here a stop signal ends the run after the current step, with a checkpoint
     start_step = step
@@ -544,26 +477,10 @@ def train_loop(args, argv, stops, s, opt, sched, scaler, step, position, last_ck
         t0 = time.time()
         loss_sum, ent_sum, n_tok, n_pos = 0.0, 0.0, 0, 0
         for _ in range(args.grad_accum):
-            idx = plan(position, rank, world)
+            batch = plan(position, rank, world)
             position += 1
-            ids, att, sub = M.pad_batch([tokenized[i][0] for i in idx], tok.pad_id, [tokenized[i][1] for i in idx])
-            ids, att, sub = ids.to(device), att.to(device), sub.to(device)
-            n_tok += int(att.sum())
-            n_pos += att.numel()
-            if tgt_ids is not None:  # precomputed sparse target (stage 1, or stage 2 from a file)
-                target = (tgt_ids[idx].long().to(device), tgt_w[idx].to(device))
-                ent_sum += float(T.entropy(target[1]).mean())
-            else:  # stage 2 on the fly: the teacher is the student with its adapter off
-                with torch.no_grad(), autocast_ctx(precision, device), M.lora_enabled(model, False):
-                    h_t = t_emb.embed_ids(ids, att, sub)
-                    target = T.model_derived_target(t_emb.model.token_logits(h_t), theta, args.tau)  # [B, V]
-                ent_sum += float(T.entropy(target).mean())
-            with autocast_ctx(precision, device):
-                h = emb.embed_ids(ids, att, sub)  # [B, D] fp32 pooled
-            logits = model.token_logits(h)  # [B, V] fp32, never [B, T, V]
-            loss = T.kl_loss(logits, target) / args.grad_accum
-            loss_sum += float(loss.detach())
-            (scaler.scale(loss) if scaler else loss).backward()
+            loss, ent, n_tok_b, n_pos_b = backward_batch(args, s, batch, max_tokens, scaler)
+            loss_sum, ent_sum, n_tok, n_pos = loss_sum + loss, ent_sum + ent, n_tok + n_tok_b, n_pos + n_pos_b
         R.average_gradients(params, world)
         if scaler:
             scaler.unscale_(opt)
@@ -592,7 +509,7 @@ def train_loop(args, argv, stops, s, opt, sched, scaler, step, position, last_ck
         dt = time.time() - t0
         elapsed = time.time() - t_start
         metrics = dict(step=step, loss=float(loss_t), lr=lr, grad_norm=float(gnorm),
-                       tokens_per_s=round(n_tok * world / dt, 1), target_entropy=round(ent_sum / args.grad_accum, 4),
+                       tokens_per_s=round(n_tok * world / dt, 1), target_entropy=round(ent_sum, 4),
                        elapsed_s=round(elapsed, 2))
         if rank == 0 and args.eval_every and (step % args.eval_every == 0 or step == total):
             for task in args.eval_data.split(","):  # each dev task's main score, logged as eval_<task>
@@ -621,6 +538,38 @@ def train_loop(args, argv, stops, s, opt, sched, scaler, step, position, last_ck
     if rank == 0:
         mfile.close()
     return step, metrics, tokens, positions, t_start
+
+
+def backward_batch(args, s, batch, max_tokens, scaler=None):
+    """Forward, loss and backward of one micro-batch (text indices `batch`) in row chunks of at most
+    max_tokens positions (row_chunks), gradients accumulated -> (loss, mean target entropy, real
+    tokens, positions), the loss and entropy already divided by --grad-accum. kl_loss averages over a
+    chunk's texts, so each chunk's loss is weighted by its share of the micro-batch: the gradient is
+    the whole micro-batch's (with dropout 0, up to float rounding; with dropout the draws differ)."""
+    model, tok, device, precision = s.model, s.emb.tokenizer, s.device, s.precision
+    loss_sum, ent_sum, n_tok, n_pos = 0.0, 0.0, 0, 0
+    for rows in row_chunks([len(s.tokenized[i][0]) for i in batch], max_tokens):
+        idx = [batch[j] for j in rows]
+        share = len(idx) / len(batch) / args.grad_accum
+        ids, att, sub = M.pad_batch([s.tokenized[i][0] for i in idx], tok.pad_id, [s.tokenized[i][1] for i in idx])
+        ids, att, sub = ids.to(device), att.to(device), sub.to(device)  # [b, T] each, this chunk's own T
+        n_tok += int(att.sum())
+        n_pos += att.numel()
+        if s.tgt_ids is not None:  # precomputed sparse target (stage 1, or stage 2 from a file)
+            target = (s.tgt_ids[idx].long().to(device), s.tgt_w[idx].to(device))
+            ent_sum += float(T.entropy(target[1]).mean()) * share
+        else:  # stage 2 on the fly: the teacher is the student with its adapter off
+            with torch.no_grad(), autocast_ctx(precision, device), M.lora_enabled(model, False):
+                h_t = s.teacher.embed_ids(ids, att, sub)
+                target = T.model_derived_target(s.teacher.model.token_logits(h_t), s.theta, args.tau)  # [b, V]
+            ent_sum += float(T.entropy(target).mean()) * share
+        with autocast_ctx(precision, device):
+            h = s.emb.embed_ids(ids, att, sub)  # [b, D] fp32 pooled
+        logits = model.token_logits(h)  # [b, V] fp32, never [b, T, V]
+        loss = T.kl_loss(logits, target) * share
+        loss_sum += float(loss.detach())
+        (scaler.scale(loss) if scaler else loss).backward()
+    return loss_sum, ent_sum, n_tok, n_pos
 
 
 def finish_run(args, s, step, metrics, tokens, positions, t_start):

@@ -279,6 +279,8 @@ class Stage1Steps:
         self.device = torch.device(device)
         self.precision = t2t.resolve_precision(args.precision, self.device)
         torch.manual_seed(args.seed)  # as t2t.train_stage: the adapters' init
+        if self.device.type == "cpu":
+            t2t.mmap_large_allocations()  # as t2t.train_loop
         quiet = lambda msg: None  # noqa: E731
         t2t.embedding_flags(args, quiet)  # stage 1: bidirectional, mean unless given
         self.model, tok, self.params, _ = t2t.build_student(args, self.device, self.precision, quiet)
@@ -292,8 +294,11 @@ class Stage1Steps:
         self.model.train()
 
     def batch(self, position):
+        return self.rows(self.plan(position))
+
+    def rows(self, idx):
+        """Text indices -> ids, attention mask, pool mask [B, T] and the sparse target, on the device."""
         import model as M
-        idx = self.plan(position)
         ids, att, sub = M.pad_batch([self.tokenized[i][0] for i in idx], self.emb.tokenizer.pad_id,
                                     [self.tokenized[i][1] for i in idx])
         target = (self.tgt_ids[idx].long().to(self.device), self.tgt_w[idx].to(self.device))
@@ -306,15 +311,27 @@ class Stage1Steps:
             h = self.emb.embed_ids(ids, att, sub)  # [B, D] fp32
         return T.kl_loss(self.model.token_logits(h), target)
 
-    def step(self, position):
+    def step(self, position, max_tokens=None):
         """Optimizer step on global batch `position` -> (loss, real tokens)."""
-        ids, att, sub, target = self.batch(position)
-        loss = self.loss(ids, att, sub, target)
-        loss.backward()
+        return self.step_on(self.plan(position), max_tokens)
+
+    def step_on(self, batch, max_tokens=None):
+        """Optimizer step on the texts `batch` (indices), in row chunks of at most max_tokens positions
+        as t2t.train_loop runs them (default: t2t.max_batch_tokens, 1024 on CPU; 0 = whole) -> (loss,
+        real tokens)."""
+        import t2t
+        max_tokens = t2t.max_batch_tokens(self.args, self.device) if max_tokens is None else max_tokens
+        loss_sum, n_tok = 0.0, 0
+        for rows in t2t.row_chunks([len(self.tokenized[i][0]) for i in batch], max_tokens):
+            idx = [batch[j] for j in rows]
+            ids, att, sub, target = self.rows(idx)
+            loss = self.loss(ids, att, sub, target) * (len(idx) / len(batch))
+            loss.backward()
+            loss_sum, n_tok = loss_sum + float(loss.detach()), n_tok + int(att.sum())
         torch.nn.utils.clip_grad_norm_(self.params, self.args.clip)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        return float(loss.detach()), int(att.sum())
+        return loss_sum, n_tok
 
 
 def sync(device):

