@@ -93,14 +93,7 @@ def our_step_fn(model, tok, texts):
     emb = M.Embedder(model, tok, "mean", causal=True, max_length=MAX_LENGTH)
     batch, q = emb.tokenize(texts), target_rows(texts, tok, model.args.vocab_size)
 
-    def step():
-        loss = kl(model.token_logits(emb.embed_ids(*batch)), q)  # [B, V] only
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.item()
-    return step
+    return lambda: update(kl(model.token_logits(emb.embed_ids(*batch)), q), params, opt)  # [B, V] only
 
 
 def their_step_fn(hf, tok, texts):
@@ -114,13 +107,17 @@ def their_step_fn(hf, tok, texts):
 
     def step():
         h = hf.model(input_ids=ids, attention_mask=att.long()).last_hidden_state  # [B, T, D]
-        loss = kl(F.linear(M.mean_pool(h, att), hf.lm_head.weight.float()), q)  # [B, V] only
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.item()
+        return update(kl(F.linear(M.mean_pool(h, att), hf.lm_head.weight.float()), q), params, opt)  # [B, V] only
     return step
+
+
+def update(loss, params, opt) -> float:
+    """One optimizer step from a loss, the same on both sides: backward, clip 1.0, AdamW."""
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.item()
 
 
 def memory_child(side, folder, batch_size):

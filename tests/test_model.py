@@ -44,19 +44,7 @@ PUBLISHED_SAMPLE = ("Once upon a time, there was a little girl named Lily. She l
 PROMPT_EOL = 'This sentence : "{text}" means in one word:"'
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The models here are tiny: threads only add overhead, and on a busy machine OpenMP
-    contention makes each forward pass a hundred times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def transformers():
-    return pytest.importorskip("transformers")
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def load_stories():
