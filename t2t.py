@@ -41,7 +41,7 @@ import model as M
 import runs as R
 import targets as T
 from config import checked_weight
-from files import WriteError, save_weights_atomic, write_json_atomic, write_manifest
+from files import ModelError, WriteError, check_manifest, save_weights_atomic, write_json_atomic, write_manifest
 from runs import Stopped, StopSignals, TrainError
 
 ROOT = Path(__file__).resolve().parent
@@ -130,6 +130,9 @@ def train_parser(p: argparse.ArgumentParser):
            "compile costs ~1 min on CPU before the first step (BENCHMARKS.md, bench/bench_compile.py)")
     a("--tau", type=float, default=1e-4, help="stage 2: temperature of the model-derived target")
     a("--background-samples", type=int, default=None, help="stage 2: texts in the background pass (default all)")
+    a("--background-from", default=None, metavar="RUN",
+      help="stage 2: reuse the background of another stage-2 run from the same --init, texts and embedding "
+           "(a tau or lr sweep computes it once); every setting it depends on is checked")
     a("--targets", default=None, help="precomputed targets.safetensors (from `t2t.py targets`) to train on")
     a("--target-weighting", choices=["none", "idf"], default="none", help="stage 1: weight target tokens by IDF")
     a("--seed", type=int, default=0)
@@ -247,17 +250,51 @@ def stage1_targets(args, texts, tok, log):
     return [texts[i] for i in idx], ids[keep], w[keep]
 
 
-def background(args, out, embedder, texts, rank, world, log):
+# What a stage-2 background depends on: the teacher (init), the texts and how they are embedded.
+BACKGROUND_KEYS = ("init", "data", "background_samples", "max_length", "precision")
+
+
+def background_source(args, meta) -> Path:
+    """--background-from RUN: RUN's cached background, if RUN computed it under the same settings as
+    this run (meta), else an error that names the first setting that differs."""
+    run = Path(args.background_from)
+    other = C.read_run_meta(run)
+    if other.get("stage") != 2:
+        raise TrainError(f"--background-from {run}: not a stage-2 run (meta.json 'stage' is {other.get('stage')})")
+    def settings(m):
+        return dict(m["args"], init=m["init"], precision=m["precision"], embedding=m["embedding"],
+                    data=str(Path(m["args"]["data"]).resolve()))
+    mine, theirs = settings(meta), settings(other)
+    for key in BACKGROUND_KEYS + ("embedding",):
+        if mine.get(key) != theirs.get(key):
+            raise TrainError(f"--background-from {run}: its {key!r} is {theirs.get(key)!r}, this run's is "
+                             f"{mine.get(key)!r}; the background would not be this teacher's")
+    cache = run / "background.safetensors"
+    try:
+        check_manifest(run, [cache.name])
+    except ModelError as e:
+        raise TrainError(f"--background-from {run}: {e}") from None
+    return cache
+
+
+def background(args, out, embedder, texts, rank, world, log, source=None):
     """theta = mean teacher logits over the corpus, computed once and cached in the run dir (listed
-    in the run's manifest: a damaged cache is recomputed, after one WARNING line)."""
+    in the run's manifest: a damaged cache is recomputed, after one WARNING line), or read from
+    another run's cache (source, checked by background_source)."""
     cache = out / "background.safetensors"
     if cache.is_file() and R.background_intact(out, cache, log):
-        log(f"stage 2: background read from {cache}")
-        theta = dict(C.read_tensors(cache)).get("logits")
+        source = cache
+    if source is not None:
+        log(f"stage 2: background read from {source}")
+        theta = dict(C.read_tensors(source)).get("logits")
         if theta is None or tuple(theta.shape) != (embedder.model.args.vocab_size,):
-            raise TrainError(f"{cache}: expected one tensor 'logits' of shape [{embedder.model.args.vocab_size}] "
+            raise TrainError(f"{source}: expected one tensor 'logits' of shape [{embedder.model.args.vocab_size}] "
                              "(delete the file to recompute it)")
-        return checked_weight(theta, torch.float32, f"{cache}: tensor 'logits'").to(embedder.device)
+        theta = checked_weight(theta, torch.float32, f"{source}: tensor 'logits'").to(embedder.device)
+        if source != cache and rank == 0:  # this run's own copy, for its resume
+            save_weights_atomic({"logits": theta.cpu()}, cache)
+            write_manifest(out, [cache.name])
+        return theta
     sample = texts[: args.background_samples] if args.background_samples else texts
     t0 = time.time()
     shard = sample[rank::world]
@@ -390,6 +427,9 @@ def setup_stage(args, lock) -> Stage:
     total = args.max_steps or max(1, int(args.epochs * per_epoch / args.grad_accum))
 
     meta = C.run_meta(args, model, emb, precision, world, len(texts), total)
+    source = None
+    if args.stage == 2 and args.background_from and not (out / "background.safetensors").is_file():
+        source = background_source(args, meta)
     if rank == 0:
         R.create_out(out, args.resume, lock)
         write_json_atomic(out / "meta.json", meta)
@@ -399,7 +439,7 @@ def setup_stage(args, lock) -> Stage:
     if args.stage == 2 and tgt_ids is None:
         t_emb = M.Embedder(teacher or model, tok, emb.pooling, causal, args.max_length, emb.prompt)
         with M.lora_enabled(model, False):
-            theta = background(args, out, t_emb, texts, rank, world, log)
+            theta = background(args, out, t_emb, texts, rank, world, log, source)
     tokenized = tok.encode_with_prompt(texts, emb.prompt, args.max_length)  # [(ids, text mask)] per text
     lengths = [len(ids) for ids, _ in tokenized] if args.group_by_length else None
     plan = BatchPlan(len(texts), global_batch, args.seed, lengths, args.group_by_length)

@@ -405,6 +405,37 @@ def test_stage2_background_is_in_the_manifest_and_recomputed_when_damaged(tmp_pa
     files.check_manifest(s2, ["model.safetensors", "background.safetensors"])
 
 
+def test_stage2_background_from_another_run_is_reused_and_checked(tmp_path, capsys):
+    """--background-from: a tau sweep computes the background once; the reused logits equal the
+    computed ones, and a run whose background would differ (another sample, another teacher) is
+    refused before its run directory is created."""
+    data = corpus(tmp_path, 16)
+    s1 = t2t.train(parse(["--data", data, "--out", tmp_path / "s1", "--batch-size", 8, "--max-steps", 1,
+                          "--lora-r", 0, "--precision", "fp32"]))
+    common = ["--stage", "2", "--init", s1, "--data", data, "--batch-size", 8, "--max-steps", 1, "--lora-r", 0,
+              "--precision", "fp32"]
+    a = t2t.train(parse(common + ["--out", tmp_path / "a", "--tau", 0.1]))
+    capsys.readouterr()
+    b = t2t.train(parse(common + ["--out", tmp_path / "b", "--tau", 0.01, "--background-from", a]))
+    out = capsys.readouterr().out
+    assert f"background read from {a / 'background.safetensors'}" in out and "background over" not in out
+    assert (b / "background.safetensors").read_bytes() == (a / "background.safetensors").read_bytes()
+    files.check_manifest(b, ["model.safetensors", "background.safetensors"])
+    s1b = t2t.train(parse(["--data", data, "--out", tmp_path / "s1b", "--batch-size", 8, "--max-steps", 2,
+                           "--lora-r", 0, "--precision", "fp32"]))
+    for flags, key in [(["--background-samples", 8], "background_samples"), (["--init", s1b], "init"),
+                       (["--max-length", 64], "max_length"), (["--pooling", "last"], "embedding")]:
+        argv = common + ["--out", tmp_path / f"c_{key}", "--background-from", a] + flags
+        with pytest.raises(t2t.TrainError, match=f"--background-from {a}: its '{key}' is"):
+            t2t.train(parse(argv))
+        assert not (tmp_path / f"c_{key}").exists()
+    with pytest.raises(t2t.TrainError, match="not a stage-2 run"):
+        t2t.train(parse(common + ["--out", tmp_path / "d", "--background-from", s1]))
+    damage(a / "background.safetensors", "altered")
+    with pytest.raises(t2t.TrainError, match=f"--background-from {a}: .*background.safetensors"):
+        t2t.train(parse(common + ["--out", tmp_path / "e", "--background-from", a]))
+
+
 # -----------------------------------------------------------------------------
 # 3. A full disk
 
