@@ -43,3 +43,20 @@ def test_the_picture_is_written(tmp_path):
     out = tmp_path / "fig" / "dev.png"
     plot_study.main([str(a), "--untrained", str(untrained), "--title", "t", "--out", str(out)])
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+
+
+def test_the_test_table_reads_evaluate_result_files(tmp_path):
+    """bench/study_table.py --test: one row per evaluate.py --output folder, main scores and scoring
+    time from the MTEB-layout files that evaluate.py writes, and the folder's command."""
+    sys.path.insert(0, str(ROOT))
+    import evaluate
+    import study_table
+    row = tmp_path / "stage 1"
+    evaluate.write_mteb_result("STSBenchmark", {"main_score": 0.71234}, row, "text2token/x", "abc", evaluation_time=60)
+    evaluate.write_mteb_result("SciFact", {"main_score": 0.4}, row, "text2token/x", "abc", evaluation_time=540)
+    (row / "command.txt").write_text("python evaluate.py --model x\n")
+    only_sts = tmp_path / "untrained"
+    evaluate.write_mteb_result("STSBenchmark", {"main_score": 0.5}, only_sts, "local/m", "def", evaluation_time=30)
+    lines = study_table.test_table([row, only_sts]).splitlines()
+    assert lines[2] == "| stage 1 | 0.7123 | 0.4000 | 10.0 min | `python evaluate.py --model x` |"
+    assert lines[3] == "| untrained | 0.5000 |  | 0.5 min | `` |"
