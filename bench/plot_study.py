@@ -4,7 +4,8 @@ task (the eval_<task> keys that `t2t.py train --eval-every` writes to metrics.js
 Each run is a folder with meta.json and metrics.jsonl (a run directory, or the copy of those two
 files kept under bench/study/). A line is labelled from meta.json: stage, attention/pooling, lr,
 tau (stage 2), seed. An optional JSON of untrained scores ({"bidirectional/mean": {"STSBenchmarkDev":
-0.28, ...}, ...}) puts each configuration's untrained score at step 0.
+0.28, ...}, ...}) puts each configuration's untrained score at step 0; --starts STAGE1_RUNS puts a
+stage-2 run's step 0 at the last scores of the stage-1 run it was trained from.
 
     python bench/plot_study.py bench/study/smollm2/* --untrained bench/study/smollm2_untrained.json \
         --title "SmolLM2-135M-Instruct, stage 1" --out bench/figures/smollm2_dev.png
@@ -45,7 +46,18 @@ def config(run) -> str:
     return f"{emb['attention']}/{emb['pooling']}"
 
 
-def plot(runs, untrained, title, out):
+def stage1_end(run, starts, task):
+    """A stage-2 run's step 0: the last score of the stage-1 run it was trained from (the one among
+    `starts` whose meta.json names the --out that the stage-2 run's meta.json names as its init)."""
+    for s in starts:
+        if s["meta"]["args"].get("out") and run["meta"].get("init") and \
+                Path(s["meta"]["args"]["out"]).resolve() == Path(run["meta"]["init"]).resolve():
+            points = s["curves"].get(task)
+            return points[-1][1] if points else None
+    return None
+
+
+def plot(runs, untrained, title, out, starts=()):
     import matplotlib
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
@@ -59,7 +71,8 @@ def plot(runs, untrained, title, out):
             points = run["curves"].get(task)
             if not points:
                 continue
-            start = untrained.get(config(run), {}).get(task) if run["meta"]["args"]["stage"] == 1 else None
+            start = untrained.get(config(run), {}).get(task) if run["meta"]["args"]["stage"] == 1 else \
+                stage1_end(run, starts, task)
             if start is not None:
                 points = [(0, start)] + points
             steps, scores = zip(*points)
@@ -79,12 +92,14 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("runs", nargs="+", help="run folders (meta.json + metrics.jsonl)")
     p.add_argument("--untrained", default=None, help="JSON of untrained dev scores per attention/pooling")
+    p.add_argument("--starts", nargs="*", default=[],
+                   help="stage-1 run folders: each stage-2 run starts at step 0 from its init's last scores")
     p.add_argument("--title", default="")
     p.add_argument("--out", required=True, help="PNG to write")
     args = p.parse_args(argv)
     runs = [read_run(Path(r)) for r in args.runs]
     untrained = json.loads(Path(args.untrained).read_text()) if args.untrained else {}
-    plot(runs, untrained, args.title, args.out)
+    plot(runs, untrained, args.title, args.out, [read_run(Path(r)) for r in args.starts])
 
 
 if __name__ == "__main__":

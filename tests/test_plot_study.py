@@ -35,6 +35,20 @@ def test_curves_come_from_the_eval_keys_and_labels_from_meta(tmp_path):
     assert plot_study.label(run_b) == "stage 2, causal/last, lr 3e-05, tau 0.01, seed 1"
 
 
+def test_a_stage2_curve_starts_from_its_stage1_run(tmp_path):
+    s1 = fake_run(tmp_path / "s1", 1, "causal", "last", 1e-4, {20: (0.70, 0.60), 60: (0.77, 0.67)})
+    s2 = fake_run(tmp_path / "s2", 2, "causal", "last", 3e-5, {20: (0.79, 0.72)})
+    other = fake_run(tmp_path / "other", 1, "causal", "last", 1e-4, {60: (0.5, 0.5)})
+    for folder, out, init in [(s1, "/runs/a", None), (other, "/runs/b", None), (s2, "/runs/c", "/runs/a")]:
+        meta = json.loads((folder / "meta.json").read_text())
+        meta["args"]["out"], meta["init"] = out, init
+        (folder / "meta.json").write_text(json.dumps(meta))
+    runs = [plot_study.read_run(f) for f in (s1, other, s2)]
+    assert plot_study.stage1_end(runs[2], runs[:2], "STSBenchmarkDev") == 0.77
+    assert plot_study.stage1_end(runs[2], runs[:2], "SciFactDev") == 0.67
+    assert plot_study.stage1_end(runs[2], runs[1:2], "SciFactDev") is None  # not its init
+
+
 def test_the_picture_is_written(tmp_path):
     pytest.importorskip("matplotlib")
     a = fake_run(tmp_path / "a", 1, "bidirectional", "mean", 3e-4, {50: (0.6, 0.4), 100: (0.7, 0.5)})
