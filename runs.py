@@ -402,6 +402,34 @@ def run_files(out, lora):
     return [weights_name(lora)] + (["background.safetensors"] if (out / "background.safetensors").is_file() else [])
 
 
+# What a stage-2 background depends on: the teacher (init), the texts and how they are embedded.
+BACKGROUND_KEYS = ("init", "data", "background_samples", "max_length", "precision", "embedding")
+
+
+def background_source(run, meta) -> Path:
+    """--background-from RUN: RUN's cached background, if RUN computed it under the same settings as
+    this run (its meta.json), else an error that names the first setting that differs."""
+    run = Path(run)
+    other = read_run_meta(run)
+    if other.get("stage") != 2:
+        raise TrainError(f"--background-from {run}: not a stage-2 run (meta.json 'stage' is {other.get('stage')})")
+
+    def settings(m):
+        return dict(m["args"], init=m["init"], precision=m["precision"], embedding=m["embedding"],
+                    data=str(Path(m["args"]["data"]).resolve()))
+    mine, theirs = settings(meta), settings(other)
+    for key in BACKGROUND_KEYS:
+        if mine.get(key) != theirs.get(key):
+            raise TrainError(f"--background-from {run}: its {key!r} is {theirs.get(key)!r}, this run's is "
+                             f"{mine.get(key)!r}; the background would not be this teacher's")
+    cache = run / "background.safetensors"
+    try:
+        check_manifest(run, [cache.name])
+    except ModelError as e:
+        raise TrainError(f"--background-from {run}: {e}") from None
+    return cache
+
+
 def background_intact(out, cache, log) -> bool:
     """Whether the stage-2 background cached in the run directory matches the run's manifest; if not,
     one WARNING line naming the file (it is then computed again)."""

@@ -41,7 +41,7 @@ import model as M
 import runs as R
 import targets as T
 from config import checked_weight
-from files import ModelError, WriteError, check_manifest, save_weights_atomic, write_json_atomic, write_manifest
+from files import WriteError, save_weights_atomic, write_json_atomic, write_manifest
 from runs import Stopped, StopSignals, TrainError
 
 ROOT = Path(__file__).resolve().parent
@@ -266,37 +266,10 @@ def stage1_targets(args, texts, tok, log):
     return [texts[i] for i in idx], ids[keep], w[keep]
 
 
-# What a stage-2 background depends on: the teacher (init), the texts and how they are embedded.
-BACKGROUND_KEYS = ("init", "data", "background_samples", "max_length", "precision")
-
-
-def background_source(args, meta) -> Path:
-    """--background-from RUN: RUN's cached background, if RUN computed it under the same settings as
-    this run (meta), else an error that names the first setting that differs."""
-    run = Path(args.background_from)
-    other = C.read_run_meta(run)
-    if other.get("stage") != 2:
-        raise TrainError(f"--background-from {run}: not a stage-2 run (meta.json 'stage' is {other.get('stage')})")
-    def settings(m):
-        return dict(m["args"], init=m["init"], precision=m["precision"], embedding=m["embedding"],
-                    data=str(Path(m["args"]["data"]).resolve()))
-    mine, theirs = settings(meta), settings(other)
-    for key in BACKGROUND_KEYS + ("embedding",):
-        if mine.get(key) != theirs.get(key):
-            raise TrainError(f"--background-from {run}: its {key!r} is {theirs.get(key)!r}, this run's is "
-                             f"{mine.get(key)!r}; the background would not be this teacher's")
-    cache = run / "background.safetensors"
-    try:
-        check_manifest(run, [cache.name])
-    except ModelError as e:
-        raise TrainError(f"--background-from {run}: {e}") from None
-    return cache
-
-
 def background(args, out, embedder, texts, rank, world, log, source=None):
     """theta = mean teacher logits over the corpus, computed once and cached in the run dir (listed
     in the run's manifest: a damaged cache is recomputed, after one WARNING line), or read from
-    another run's cache (source, checked by background_source)."""
+    another run's cache (source, checked by runs.background_source)."""
     cache = out / "background.safetensors"
     if cache.is_file() and R.background_intact(out, cache, log):
         source = cache
@@ -445,7 +418,7 @@ def setup_stage(args, lock) -> Stage:
     meta = C.run_meta(args, model, emb, precision, world, len(texts), total)
     source = None
     if args.stage == 2 and args.background_from and not (out / "background.safetensors").is_file():
-        source = background_source(args, meta)
+        source = R.background_source(args.background_from, meta)
     if rank == 0:
         R.create_out(out, args.resume, lock)
         write_json_atomic(out / "meta.json", meta)
