@@ -2,7 +2,7 @@
 (t2t.py --max-batch-tokens) cost in time.
 
     python bench/bench_memory.py [--model smollm2] [--precisions bf16,fp32] [--chunks 0,1024,2048]
-                                 [--what train,time] [--steps 6] [--max-t 64]
+                                 [--what train,time,theirs] [--steps 6] [--max-t 64]
 
 Each measurement runs in a fresh subprocess (so that one's peak cannot hide another's), pinned to
 what the caller pinned, and prints one JSON line:
@@ -23,9 +23,15 @@ what the caller pinned, and prints one JSON line:
          tokens, so that the unchunked step stays inside this machine's memory), median seconds
          and the losses (equal up to dropout draws, which differ between chunkings).
 
+  theirs: the same measurement of one step of bench/bench_peers.py's transformers + peft loop (the
+         authors' kind: every text padded to max length 128, eager attention, the LM head on every
+         position through output_hidden_states, fp32 LM head and embeddings, a dense [B, V] target)
+         on the same model's weights written as an HF folder, batch 32 of the sample's longest texts
+         (their shapes do not depend on which texts: [32, 128] always), AdamW; needs peft.
+
 Dimensions: B batch, T tokens, D hidden, F MLP width, H heads, K kv heads, hd head dim, V vocab.
 Not included: evaluation (a no_grad pass, its activations freed layer by layer), the stage-2
-teacher (the same), transformers + peft (bench/bench_peers.py).
+teacher (the same).
 """
 
 import argparse
@@ -34,6 +40,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -168,9 +175,45 @@ def child_time(args):
                           median_s={v: C.median(times[v]) for v in values}, peak_rss=C.peak_rss_bytes())))
 
 
-def run_child(kind, args, precision, extra=""):
+def child_theirs(args):
+    """Peak RSS of one optimizer step of the transformers + peft loop (bench_peers.py) on the 32
+    longest texts, measured as child_train measures ours (after a first step has made AdamW's state)."""
+    import bench_peers as P
+    from transformers import AutoTokenizer
+    C.quiet_transformers()
+    rss0 = C.rss_bytes()
+    tok = AutoTokenizer.from_pretrained(args.folder)
+    tok.pad_token, tok.padding_side = tok.eos_token, "left"
+    net = P.their_model(args.folder, args.precision, "eager")
+    net.train()
+    params = [p for p in net.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=P.LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    texts = t2t.read_texts(t2t.DEFAULT_DATA)
+    worst = sorted(range(len(texts)), key=lambda i: -len(tok(texts[i])["input_ids"]))[:P.BATCH]
+    data = P.TheirDataset(texts, tok, P.bad_id_rule(tok))
+    batch = P.their_collate([data[i] for i in worst])
+    vocab = net.get_output_embeddings().weight.shape[0]
+    out = dict(precision=args.precision, side="transformers + peft", rss_after_imports=rss0,
+               rss_after_load=C.rss_bytes(), B=P.BATCH, T=int(batch["input_ids"].shape[1]),
+               weights=storage_bytes([p for p in net.parameters() if not p.requires_grad]),
+               lora=storage_bytes(params))
+    P.train_step(net, batch, vocab, args.precision, params, opt, sched)  # AdamW's state exists from here
+    out["peak_rss_first_step"] = C.peak_rss_bytes()
+    base_rss = C.rss_bytes()
+    out["reset"] = C.reset_peak()
+    t0 = time.perf_counter()
+    out["loss_worst"] = P.train_step(net, batch, vocab, args.precision, params, opt, sched)
+    out["step_s_worst"] = time.perf_counter() - t0
+    out["peak_rss_step_above"] = C.peak_rss_bytes() - base_rss
+    out["rss_end"], out["peak_rss"] = C.rss_bytes(), C.peak_rss_bytes()
+    print(json.dumps(out))
+
+
+def run_child(kind, args, precision, extra="", folder=""):
     cmd = [sys.executable, __file__, "--child", kind, "--model", args.model, "--precision", precision,
-           "--steps", str(args.steps), "--chunks", args.chunks, "--max-t", str(args.max_t), "--extra", extra]
+           "--steps", str(args.steps), "--chunks", args.chunks, "--max-t", str(args.max_t), "--extra", extra,
+           "--folder", str(folder)]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
     if res.returncode != 0:
@@ -187,19 +230,26 @@ def main():
     p.add_argument("--steps", type=int, default=6, help="time: the preset's first batches timed")
     p.add_argument("--max-t", type=int, default=64, help="time: only batches of at most this many tokens")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--what", default="train,time", help="comma-separated: train, time")
-    p.add_argument("--child", choices=["train", "time"], help=argparse.SUPPRESS)
+    p.add_argument("--what", default="train,time", help="comma-separated: train, time, theirs")
+    p.add_argument("--child", choices=["train", "time", "theirs"], help=argparse.SUPPRESS)
+    p.add_argument("--folder", default="", help=argparse.SUPPRESS)
     p.add_argument("--precision", default="bf16", help=argparse.SUPPRESS)
     p.add_argument("--extra", default="", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         torch.set_num_threads(args.threads)
-        return {"train": child_train, "time": child_time}[args.child](args)
-    for precision in args.precisions.split(","):
-        for what in args.what.split(","):
-            extras = [f"--max-batch-tokens {v}" for v in args.chunks.split(",")] if what == "train" else [""]
-            for extra in extras:
-                print(json.dumps(dict(what=what, **run_child(what, args, precision, extra))), flush=True)
+        return {"train": child_train, "time": child_time, "theirs": child_theirs}[args.child](args)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = ""
+        if "theirs" in args.what.split(","):  # our load written as an HF folder, here, not in the measured child
+            import bench_peers as P
+            folder = P.hf_folder(args.model, tmp)
+        for precision in args.precisions.split(","):
+            for what in args.what.split(","):
+                extras = [f"--max-batch-tokens {v}" for v in args.chunks.split(",")] if what == "train" else [""]
+                for extra in extras:
+                    res = run_child(what, args, precision, extra, folder)
+                    print(json.dumps(dict(what=what, **res)), flush=True)
 
 
 if __name__ == "__main__":

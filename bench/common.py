@@ -273,6 +273,7 @@ class Stage1Steps:
     variants (eager/compiled, fp32/bf16) can alternate step by step in one process."""
 
     def __init__(self, argv, device="cpu"):
+        import runs
         import t2t
         import model as M
         args = self.args = t2t_args(argv)
@@ -280,7 +281,7 @@ class Stage1Steps:
         self.precision = t2t.resolve_precision(args.precision, self.device)
         torch.manual_seed(args.seed)  # as t2t.train_stage: the adapters' init
         if self.device.type == "cpu":
-            t2t.mmap_large_allocations()  # as t2t.train_loop
+            runs.mmap_large_allocations()  # as t2t.train_loop
         quiet = lambda msg: None  # noqa: E731
         t2t.embedding_flags(args, quiet)  # stage 1: bidirectional, mean unless given
         self.model, tok, self.params, _ = t2t.build_student(args, self.device, self.precision, quiet)

@@ -5,12 +5,21 @@ so that neither task kind decides alone.
 
     python bench/study_table.py bench/study/gemma3-270m/*
     python bench/study_table.py --test bench/study/test/gemma3-270m/*
+    python bench/study_table.py --seeds RUN_SEED0 RUN_SEED1 RUN_SEED2 [...]
+    python bench/study_table.py --test --seeds bench/study/test/gemma3-270m/*
 
 --test: the test table instead, one row per folder of `evaluate.py --output` result files (MTEB
 layout), with the command that made them (command.txt in the folder) and the scoring time.
+--seeds: one row per setting, over its seeds: the mean, the sample standard deviation and the range
+of each score. Dev: the runs' last evaluation, runs grouped by their label without the seed and by
+their step count (pass the runs of one setting's seeds: two stage-2 runs from different stage-1
+runs have the same label). Test: folders grouped by their name without a `_seedN` suffix (the
+folder without one is seed 0).
 """
 import argparse
 import json
+import re
+import statistics
 from pathlib import Path
 
 from plot_study import label, read_run
@@ -68,12 +77,58 @@ def test_table(folders) -> str:
     return "\n".join(lines)
 
 
+def spread(values) -> str:
+    """'mean ± sample sd (min-max)', or the single value."""
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f} ({min(values):.4f}-{max(values):.4f})"
+
+
+def seed_table(runs) -> str:
+    """Dev scores at each run's last evaluation, over the seeds of each setting."""
+    groups = {}
+    for run in runs:
+        rows = dev_rows(run)
+        if rows:
+            key = (re.sub(r", seed \d+$", "", label(run)), run["meta"].get("total_steps", "?"))
+            groups.setdefault(key, []).append((run["meta"]["args"].get("seed", 0), rows[-1]))
+    lines = ["| setting | steps | seeds | STS-B dev | SciFactDev | mean of the two |", "|---|---|---|---|---|---|"]
+    for (name, steps), got in groups.items():
+        seeds = ", ".join(str(seed) for seed, _ in sorted(got))
+        cols = [spread([r[i] for _, r in got]) for i in (1, 2, 3)]
+        lines.append(f"| {name} | {steps} | {seeds} | {cols[0]} | {cols[1]} | {cols[2]} |")
+    return "\n".join(lines)
+
+
+def test_seed_table(folders) -> str:
+    """Test scores over the seeds of each row (folders named ROW and ROW_seedN)."""
+    groups = {}
+    for folder in folders:
+        m = re.fullmatch(r"(.*?)(?:_seed(\d+))?", folder.name)
+        groups.setdefault(m.group(1), []).append((int(m.group(2) or 0), test_row(folder)))
+    lines = ["| row | seeds | STS-B test | SciFact nDCG@10 |", "|---|---|---|---|"]
+    for name, got in groups.items():
+        cells = []
+        for task in TEST_TASKS:
+            values = [row[task][0] for _, row in sorted(got, key=lambda g: g[0]) if task in row]
+            cells.append(f"{spread(values)} (n {len(values)})" if values else "")
+        lines.append(f"| {name} | {', '.join(str(seed) for seed, _ in sorted(got, key=lambda g: g[0]))} | "
+                     f"{cells[0]} | {cells[1]} |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("runs", nargs="+", help="run folders (meta.json + metrics.jsonl), or result folders with --test")
     p.add_argument("--test", action="store_true", help="the runs are evaluate.py --output folders: the test table")
+    p.add_argument("--seeds", action="store_true", help="mean, spread and range over each setting's seeds")
     args = p.parse_args(argv)
-    print(test_table([Path(r) for r in args.runs]) if args.test else table([read_run(Path(r)) for r in args.runs]))
+    folders = [Path(r) for r in args.runs]
+    if args.test:
+        print(test_seed_table(folders) if args.seeds else test_table(folders))
+    else:
+        runs = [read_run(f) for f in folders]
+        print(seed_table(runs) if args.seeds else table(runs))
 
 
 if __name__ == "__main__":

@@ -74,3 +74,35 @@ def test_the_test_table_reads_evaluate_result_files(tmp_path):
     lines = study_table.test_table([row, only_sts]).splitlines()
     assert lines[2] == "| stage 1 | 0.7123 | 0.4000 | 10.0 min | `python evaluate.py --model x` |"
     assert lines[3] == "| untrained | 0.5000 |  | 0.5 min | `` |"
+
+
+def test_the_seed_tables_give_mean_spread_and_range(tmp_path):
+    """--seeds: dev at each run's last evaluation and test per row, over the seeds of a setting, with
+    the sample standard deviation worked by hand; settings that differ only by step count stay apart."""
+    sys.path.insert(0, str(ROOT))
+    import evaluate
+    import study_table
+    runs = [fake_run(tmp_path / f"s{seed}", 1, "causal", "last", 1e-4, {30: (0.1, 0.1), 60: (sts, ret)}, seed=seed)
+            for seed, sts, ret in [(0, 0.70, 0.60), (1, 0.72, 0.62), (2, 0.74, 0.67)]]
+    longer = fake_run(tmp_path / "long", 1, "causal", "last", 1e-4, {100: (0.5, 0.5)})
+    for folder, steps in [(r, 60) for r in runs] + [(longer, 100)]:
+        meta = json.loads((folder / "meta.json").read_text())
+        meta["total_steps"] = steps
+        (folder / "meta.json").write_text(json.dumps(meta))
+    lines = study_table.seed_table([plot_study.read_run(f) for f in runs + [longer]]).splitlines()
+    # STS-B: mean 0.72, sd sqrt((0.02^2 + 0 + 0.02^2) / 2) = 0.02; SciFactDev: mean 0.63, deviations
+    # -0.03, -0.01, 0.04: sd sqrt(0.0026 / 2) = 0.03606; mean of the two: 0.65, 0.67, 0.705
+    assert lines[2] == ("| stage 1, causal/last, lr 0.0001 | 60 | 0, 1, 2 | 0.7200 ± 0.0200 (0.7000-0.7400) | "
+                        "0.6300 ± 0.0361 (0.6000-0.6700) | 0.6750 ± 0.0278 (0.6500-0.7050) |")
+    assert lines[3] == "| stage 1, causal/last, lr 0.0001 | 100 | 0 | 0.5000 | 0.5000 | 0.5000 |"
+    folders = []
+    for name, sts, sci in [("stage2", 0.73, 0.50), ("stage2_seed1", 0.71, None), ("stage2_seed2", 0.72, 0.46),
+                           ("untrained", 0.64, None)]:
+        evaluate.write_mteb_result("STSBenchmark", {"main_score": sts}, tmp_path / "t" / name, "local/m", "r")
+        if sci is not None:
+            evaluate.write_mteb_result("SciFact", {"main_score": sci}, tmp_path / "t" / name, "local/m", "r")
+        folders.append(tmp_path / "t" / name)
+    lines = study_table.test_seed_table(folders).splitlines()
+    assert lines[2] == ("| stage2 | 0, 1, 2 | 0.7200 ± 0.0100 (0.7100-0.7300) (n 3) | "
+                        "0.4800 ± 0.0283 (0.4600-0.5000) (n 2) |")
+    assert lines[3] == "| untrained | 0 | 0.6400 (n 1) |  |"
