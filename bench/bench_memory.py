@@ -2,7 +2,7 @@
 (t2t.py --max-batch-tokens) cost in time.
 
     python bench/bench_memory.py [--model smollm2] [--precisions bf16,fp32] [--chunks 0,1024,2048]
-                                 [--what train,time,theirs] [--steps 6] [--max-t 64]
+                                 [--what train,time,theirs,eval] [--steps 6] [--max-t 64]
 
 Each measurement runs in a fresh subprocess (so that one's peak cannot hide another's), pinned to
 what the caller pinned, and prints one JSON line:
@@ -29,9 +29,13 @@ what the caller pinned, and prints one JSON line:
          on the same model's weights written as an HF folder, batch 32 of the sample's longest texts
          (their shapes do not depend on which texts: [32, 128] always), AdamW; needs peft.
 
+  eval:  evaluate.py's pass as `evaluate.py --model M --attention causal --pooling last --dtype D
+         --max-length 128` runs it (load_encoder, then Embedder.encode at batch 32 under no_grad) on
+         SciFact's 512 longest documents (every batch [32, 128], the evaluator's worst): weights, the
+         peak of live tensors while one batch is encoded, peak RSS above the loaded model over all 16
+         batches, and RSS after them. The stage-2 teacher runs the same no_grad forward.
+
 Dimensions: B batch, T tokens, D hidden, F MLP width, H heads, K kv heads, hd head dim, V vocab.
-Not included: evaluation (a no_grad pass, its activations freed layer by layer), the stage-2
-teacher (the same).
 """
 
 import argparse
@@ -210,6 +214,32 @@ def child_theirs(args):
     print(json.dumps(out))
 
 
+def child_eval(args):
+    """Peak RSS and live tensors of the evaluator's encoding pass (module docstring, eval)."""
+    import evaluate as E
+    rss0 = C.rss_bytes()
+    dtype = {"bf16": "bfloat16", "fp32": "float32"}[args.precision]
+    eargs = E.parse_args(["--model", args.model, "--attention", "causal", "--pooling", "last", "--dtype", dtype,
+                          "--max-length", "128"])
+    emb, *_ = E.load_encoder(args.model, eargs)
+    docs = E.read_beir(E.resolve_task("SciFact")[2]).docs
+    enc = emb.tokenizer.encode_with_prompt(docs, emb.prompt, emb.max_length)
+    texts = [docs[i] for i in sorted(range(len(docs)), key=lambda i: -len(enc[i][0]))[:512]]
+    out = dict(precision=args.precision, rss_after_imports=rss0, rss_after_load=C.rss_bytes(),
+               weights=storage_bytes(list(emb.model.parameters())), B=32, texts=len(texts),
+               T=max(len(ids) for ids, _ in emb.tokenizer.encode_with_prompt(texts, emb.prompt, emb.max_length)))
+    emb.encode(texts[:32], batch_size=32)  # a first batch: one-time buffers (rotary tables, kernels)
+    base_rss = C.rss_bytes()
+    out["reset"] = C.reset_peak()
+    t0 = time.perf_counter()
+    emb.encode(texts, batch_size=32)
+    out["texts_per_s"] = len(texts) / (time.perf_counter() - t0)
+    out["peak_rss_above_loaded"] = C.peak_rss_bytes() - base_rss
+    out["live_peak_batch"], _ = live_peak(lambda: emb.encode(texts[:32], batch_size=32))
+    out["rss_end"], out["peak_rss"] = C.rss_bytes(), C.peak_rss_bytes()
+    print(json.dumps(out))
+
+
 def run_child(kind, args, precision, extra="", folder=""):
     cmd = [sys.executable, __file__, "--child", kind, "--model", args.model, "--precision", precision,
            "--steps", str(args.steps), "--chunks", args.chunks, "--max-t", str(args.max_t), "--extra", extra,
@@ -230,15 +260,15 @@ def main():
     p.add_argument("--steps", type=int, default=6, help="time: the preset's first batches timed")
     p.add_argument("--max-t", type=int, default=64, help="time: only batches of at most this many tokens")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--what", default="train,time", help="comma-separated: train, time, theirs")
-    p.add_argument("--child", choices=["train", "time", "theirs"], help=argparse.SUPPRESS)
+    p.add_argument("--what", default="train,time", help="comma-separated: train, time, theirs, eval")
+    p.add_argument("--child", choices=["train", "time", "theirs", "eval"], help=argparse.SUPPRESS)
     p.add_argument("--folder", default="", help=argparse.SUPPRESS)
     p.add_argument("--precision", default="bf16", help=argparse.SUPPRESS)
     p.add_argument("--extra", default="", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         torch.set_num_threads(args.threads)
-        return {"train": child_train, "time": child_time, "theirs": child_theirs}[args.child](args)
+        return {"train": child_train, "time": child_time, "theirs": child_theirs, "eval": child_eval}[args.child](args)
     with tempfile.TemporaryDirectory() as tmp:
         folder = ""
         if "theirs" in args.what.split(","):  # our load written as an HF folder, here, not in the measured child
