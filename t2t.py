@@ -645,8 +645,8 @@ def run_preset(name, argv, stops=None):
             scores["untrained"] = E.evaluate_sts(untrained, "STSBenchmark")["cosine_spearman"]
             print(f"STS Benchmark test, untrained: {scores['untrained']:.4f}")
             del untrained
-        print(f"{name} stage {stage}: " + " ".join(f"--{k.replace('_', '-')} {v}"
-                                                   for k, v in PRESETS[name][stage].items()))
+        print(f"{name} stage {stage}: " + " ".join(f"--{k.replace('_', '-')} {getattr(args, k)}"
+                                                   for k in PRESETS[name][stage]))  # flags given win
         run = train(args, argv + extra, stops)
         trained = M.Embedder.from_run(run, dtype=dtype)
         scores[f"stage{stage}"] = E.evaluate_sts(trained, "STSBenchmark")["cosine_spearman"]
