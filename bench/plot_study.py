@@ -31,11 +31,15 @@ def read_run(folder: Path) -> dict:
     return dict(meta=meta, curves=curves, name=folder.name)
 
 
-def label(run) -> str:
+def label(run, starts=()) -> str:
     args, emb = run["meta"]["args"], run["meta"]["embedding"]
     parts = [f"stage {args['stage']}", f"{emb['attention']}/{emb['pooling']}", f"lr {args['lr']:g}"]
     if args["stage"] == 2:
         parts.append(f"tau {args['tau']:g}")
+        start = stage1_of(run, starts)
+        if start is not None:
+            steps = start["meta"].get("total_steps", start["meta"]["args"].get("max_steps"))
+            parts.append(f"from lr {start['meta']['args']['lr']:g} x {steps} steps")
     if args.get("seed", 0):
         parts.append(f"seed {args['seed']}")
     return ", ".join(parts)
@@ -46,15 +50,21 @@ def config(run) -> str:
     return f"{emb['attention']}/{emb['pooling']}"
 
 
-def stage1_end(run, starts, task):
-    """A stage-2 run's step 0: the last score of the stage-1 run it was trained from (the one among
-    `starts` whose meta.json names the --out that the stage-2 run's meta.json names as its init)."""
+def stage1_of(run, starts):
+    """The stage-1 run a stage-2 run was trained from: the one among `starts` whose meta.json names
+    the --out that the stage-2 run's meta.json names as its init (None if not given)."""
     for s in starts:
         if s["meta"]["args"].get("out") and run["meta"].get("init") and \
                 Path(s["meta"]["args"]["out"]).resolve() == Path(run["meta"]["init"]).resolve():
-            points = s["curves"].get(task)
-            return points[-1][1] if points else None
+            return s
     return None
+
+
+def stage1_end(run, starts, task):
+    """A stage-2 run's step 0: the last score of the stage-1 run it was trained from."""
+    start = stage1_of(run, starts)
+    points = start["curves"].get(task) if start is not None else None
+    return points[-1][1] if points else None
 
 
 def plot(runs, untrained, title, out, starts=()):
@@ -76,7 +86,7 @@ def plot(runs, untrained, title, out, starts=()):
             if start is not None:
                 points = [(0, start)] + points
             steps, scores = zip(*points)
-            ax.plot(steps, scores, styles.get(config(run), "-"), marker="o", markersize=3, label=label(run))
+            ax.plot(steps, scores, styles.get(config(run), "-"), marker="o", markersize=3, label=label(run, starts))
         ax.set_title(TASK_LABELS.get(task, task))
         ax.set_xlabel("optimizer step (32 texts each)")
         ax.grid(alpha=0.3)

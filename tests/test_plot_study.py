@@ -15,7 +15,7 @@ import plot_study  # noqa: E402
 
 def fake_run(folder: Path, stage, attention, pooling, lr, scores, tau=1e-4, seed=0):
     folder.mkdir(parents=True)
-    meta = dict(args=dict(stage=stage, lr=lr, tau=tau, seed=seed),
+    meta = dict(args=dict(stage=stage, lr=lr, tau=tau, seed=seed, max_steps=max(scores)),
                 embedding=dict(attention=attention, pooling=pooling, prompt=None, max_length=128))
     (folder / "meta.json").write_text(json.dumps(meta))
     rows = []
@@ -47,6 +47,9 @@ def test_a_stage2_curve_starts_from_its_stage1_run(tmp_path):
     assert plot_study.stage1_end(runs[2], runs[:2], "STSBenchmarkDev") == 0.77
     assert plot_study.stage1_end(runs[2], runs[:2], "SciFactDev") == 0.67
     assert plot_study.stage1_end(runs[2], runs[1:2], "SciFactDev") is None  # not its init
+    # two stage-2 runs of the same settings from different stage-1 runs get different labels
+    assert plot_study.label(runs[2], runs[:2]) == "stage 2, causal/last, lr 3e-05, tau 0.0001, from lr 0.0001 x 60 steps"
+    assert plot_study.label(runs[2], runs[1:2]) == "stage 2, causal/last, lr 3e-05, tau 0.0001"
 
 
 def test_the_picture_is_written(tmp_path):
